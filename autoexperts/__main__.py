@@ -1,0 +1,7 @@
+"""`python -m autoexperts` runs the `autoexperts` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

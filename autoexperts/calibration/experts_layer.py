@@ -1,0 +1,101 @@
+"""One experts layer of a model's own experts class, with random weights, and random routed inputs for it.
+
+The model is first built on the meta device (no memory, no download), which finds the experts class and the
+(sub-)config it is built with whatever the architecture; only that one layer is then materialised on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
+
+from ..errors import UsageError
+from ..layer import LayerSpec, is_experts_module
+
+logger = logging.getLogger(__name__)
+
+# Config fields that name the number of experts routed per token, across Transformers' MoE models.
+_TOP_K_FIELDS = ("num_experts_per_tok", "moe_topk", "top_k", "experts_per_token", "num_experts_per_token", "moe_k")
+
+
+@dataclass
+class ExpertsLayer:
+    """A materialised experts layer and what calibration needs to drive it."""
+
+    module: torch.nn.Module
+    spec: LayerSpec
+    model_type: str
+
+
+def _top_k(config: PretrainedConfig, model: torch.nn.Module) -> int:
+    for name in _TOP_K_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    for module in model.modules():  # routers usually carry it
+        value = getattr(module, "top_k", None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise UsageError(f"cannot tell how many experts each token is routed to for model type {config.model_type!r}")
+
+
+def _meta_model(config: PretrainedConfig, dtype: torch.dtype) -> torch.nn.Module:
+    errors = []
+    for auto_class in (AutoModelForCausalLM, AutoModel):
+        try:
+            with torch.device("meta"):
+                return auto_class.from_config(config, dtype=dtype)
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            errors.append(f"{auto_class.__name__}: {error}")
+    raise UsageError(f"cannot build model type {config.model_type!r} with Transformers: {'; '.join(errors)}")
+
+
+def build_experts_layer(
+    config: PretrainedConfig, device: torch.device, dtype: torch.dtype, top_k: int | None = None, seed: int = 0
+) -> ExpertsLayer:
+    """Builds the model's first experts layer on `device` in `dtype`, with N(0, 0.02) weights.
+
+    Raises:
+        `UsageError`: when the model has no experts layer that Transformers' experts interface drives.
+    """
+    model = _meta_model(config, dtype)
+    experts = next((m for m in model.modules() if is_experts_module(m)), None)
+    if experts is None:
+        raise UsageError(
+            f"model type {config.model_type!r} has no experts layer that Transformers' experts interface can run "
+            "(is it a Mixture-of-Experts model?)"
+        )
+    top_k = top_k or _top_k(getattr(experts, "config", config), model)
+    del model
+    layer = experts.to_empty(device=device)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in layer.named_parameters():
+            if "norm" in name:
+                parameter.fill_(1.0)
+            else:
+                values = torch.randn(parameter.shape, generator=generator, dtype=torch.float32) * 0.02
+                parameter.copy_(values)
+    layer.requires_grad_(False)
+    spec = LayerSpec.of(layer, top_k)
+    return ExpertsLayer(module=layer, spec=spec, model_type=config.model_type)
+
+
+def routed_inputs(
+    spec: LayerSpec, num_tokens: int, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random hidden states and uniform top-k routing (distinct experts per token) for `num_tokens` tokens.
+
+    Returns:
+        `hidden_states (num_tokens, hidden_dim)`, `top_k_index (num_tokens, top_k)` int64,
+        `top_k_weights (num_tokens, top_k)`.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed + num_tokens)
+    hidden_states = torch.randn(num_tokens, spec.hidden_dim, generator=generator)  # (num_tokens, hidden_dim)
+    scores = torch.rand(num_tokens, spec.num_experts, generator=generator)  # (num_tokens, num_experts)
+    top_k_index = scores.topk(spec.top_k, dim=-1).indices  # (num_tokens, top_k)
+    top_k_weights = torch.randn(num_tokens, spec.top_k, generator=generator).softmax(dim=-1)  # (num_tokens, top_k)
+    return hidden_states.to(device, dtype), top_k_index.to(device), top_k_weights.to(device, dtype)

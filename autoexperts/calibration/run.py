@@ -1,0 +1,144 @@
+"""`calibrate()`: model -> one experts layer -> sweep -> cost model -> saved profile."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import sklearn
+import torch
+import transformers
+
+from .. import __version__
+from ..cost_model import CostModel
+from ..device import device_name, driver_version, free_memory_bytes
+from ..errors import UsageError
+from ..layer import DEFAULT_BACKENDS, registered_backends
+from ..profile import Profile, default_write_dir, save_profile
+from .experts_layer import build_experts_layer
+from .model_source import resolve_model
+from .sweep import SweepOptions, default_token_grid, run_sweep
+
+logger = logging.getLogger(__name__)
+
+COMPILE_MODES = ("none",)
+# The share of the device's free memory (after the layer is built) that one sweep point may take.
+SWEEP_MEMORY_FRACTION = 0.7
+
+
+def library_versions() -> dict[str, str]:
+    return {
+        "autoexperts": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "scikit-learn": sklearn.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """`None` picks the GPU when there is one; `"cuda"` without CUDA is a usage error."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UsageError(f"unknown device {name!r}: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} asked for CUDA, but torch sees no CUDA device here")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"unsupported device {name!r}: use cpu or cuda")
+    return device
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+    dtype = getattr(torch, aliases.get(name, name), None)
+    if not isinstance(dtype, torch.dtype) or dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise UsageError(f"unknown dtype {name!r}: use float32, bfloat16 or float16")
+    return dtype
+
+
+def calibrate(
+    model: str | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+    tokens: Sequence[int] | None = None,
+    backends: Sequence[str] = DEFAULT_BACKENDS,
+    out: str | Path | None = None,
+    top_k: int | None = None,
+    progress: bool = True,
+    seconds_per_point: float = 0.6,
+) -> Profile:
+    """Calibrates one model's experts layer on a device and saves the profile.
+
+    Args:
+        model (`str`, *optional*): a preset name, a folder or config.json, or a Hub id (default: the small preset).
+        device (`str`, *optional*): `"cpu"` or `"cuda"` (default: the GPU if there is one).
+        dtype (`str`): `float32`, `bfloat16` or `float16`.
+        tokens (`Sequence[int]`, *optional*): token counts to measure (default: `default_token_grid()`).
+        backends (`Sequence[str]`): backends to measure (default: eager, batched_mm, grouped_mm).
+        out (`str` or `Path`, *optional*): profile folder (default: `AUTOEXPERTS_PROFILE_DIR` or the user cache).
+        top_k (`int`, *optional*): experts per token, when the config does not say.
+        progress (`bool`): show a progress bar.
+        seconds_per_point (`float`): timing budget per token count (at least 3 timed calls per backend).
+
+    Returns:
+        `Profile`: the saved profile (`profile.json_path` says where).
+    """
+    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    unknown = [b for b in backends if b not in registered_backends()]
+    if unknown:
+        raise UsageError(f"unknown backend(s) {', '.join(unknown)}; registered: {', '.join(registered_backends())}")
+    tokens = sorted(set(tokens or default_token_grid()))
+    if not tokens or tokens[0] < 1:
+        raise UsageError("token counts must be positive integers")
+    folder = Path(out) if out is not None else default_write_dir()
+    source = resolve_model(model)
+
+    started = time.perf_counter()
+    layer = build_experts_layer(source.config, torch_device, torch_dtype, top_k=top_k)
+    options = SweepOptions(
+        tokens=tokens,
+        backends=list(backends),
+        memory_limit_bytes=SWEEP_MEMORY_FRACTION * free_memory_bytes(torch_device),
+        seconds_per_point=seconds_per_point,
+        progress=progress,
+    )
+    measurements = run_sweep(layer, torch_device, torch_dtype, options)
+    cost_model = CostModel.fit(measurements)
+    if not cost_model.backends:
+        raise RuntimeError("no backend ran successfully at any token count; nothing to save")
+    elapsed = time.perf_counter() - started
+
+    profile = Profile(
+        spec=layer.spec,
+        device_name=device_name(torch_device),
+        compile_mode="none",
+        measurements=measurements,
+        metadata={
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": {"driver": driver_version(torch_device), "torch_threads": torch.get_num_threads()},
+            "versions": library_versions(),
+            "model": source.describe(),
+            "experts": {"model_type": layer.model_type},
+            "sweep": {
+                "tokens": tokens,
+                "backends": list(backends),
+                "routing": "uniform random, distinct experts per token",
+                "seconds_per_point": seconds_per_point,
+                "memory_limit_bytes": options.memory_limit_bytes,
+                "wall_seconds": round(elapsed, 2),
+            },
+        },
+        cost_model=cost_model,
+    )
+    save_profile(profile, folder)
+    logger.info("calibration of %s took %.1f s", layer.spec.describe(), elapsed)
+    return profile

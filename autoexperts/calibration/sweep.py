@@ -1,0 +1,205 @@
+"""The calibration sweep: every backend at every token count, interleaved, with warm-up, medians and peak memory.
+
+At each token count the backends still in the sweep run side by side: one warm-up call each, one call each under
+the memory tracker, then `repeats` rounds of A B C A B C ... timed calls (CUDA events on GPU). A backend leaves the
+sweep (its remaining points recorded as `"skipped"`, which the cost model treats as infeasible) when
+
+- a call runs out of memory (`"oom"`) or raises (`"error"`);
+- its peak memory, extrapolated from its points so far, would exceed the sweep's memory limit;
+- it was at least `slow_factor` times slower than the fastest backend at two consecutive token counts.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..cost_model import Measurement
+from ..device import synchronize
+from ..layer import backend_forward
+from .experts_layer import ExpertsLayer, routed_inputs
+from .memory import peak_call_bytes
+
+logger = logging.getLogger(__name__)
+
+
+def default_token_grid(max_tokens: int = 4096) -> list[int]:
+    """Powers of two and the points halfway between them in log space (1, 2, 3, 4, 6, 8, 12, ...)."""
+    grid, power = {1}, 1
+    while power <= max_tokens:
+        grid.update({power, power * 3 // 2})
+        power *= 2
+    return sorted(n for n in grid if n <= max_tokens)
+
+
+@dataclass
+class SweepOptions:
+    """How to sweep: token counts, backends, repeats and the limits that stop a backend early."""
+
+    tokens: Sequence[int]
+    backends: Sequence[str]
+    min_repeats: int = 3
+    max_repeats: int = 25
+    seconds_per_point: float = 0.6
+    memory_limit_bytes: float = float("inf")
+    slow_factor: float = 8.0
+    seed: int = 0
+    progress: bool = True
+    # Points already measured (e.g. from an earlier run); they are kept and not measured again.
+    done: list[Measurement] = field(default_factory=list)
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return (
+        isinstance(error, torch.OutOfMemoryError)
+        or "out of memory" in str(error).lower()
+        or ("can't allocate memory" in str(error).lower())
+    )
+
+
+def _release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _timed_call(call: Callable[[], torch.Tensor], device: torch.device) -> float:
+    """Milliseconds of one call: CUDA events on GPU, a perf counter elsewhere."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        return float(start.elapsed_time(end))
+    start_time = time.perf_counter()
+    call()
+    return (time.perf_counter() - start_time) * 1e3
+
+
+def _predicted_peak(points: list[Measurement], num_tokens: int) -> float | None:
+    """Affine extrapolation of a backend's measured peaks to `num_tokens` (None with fewer than two points)."""
+    measured = [(p.num_tokens, p.peak_bytes) for p in points if p.status == "ok" and p.peak_bytes is not None]
+    if len(measured) < 2:
+        return None
+    (n0, b0), (n1, b1) = measured[-2], measured[-1]
+    slope = max((b1 - b0) / (n1 - n0), 0.0)
+    return b1 + slope * (num_tokens - n1)
+
+
+def _measure_point(
+    functions: dict[str, Callable],
+    module: torch.nn.Module,
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    backends: list[str],
+    device: torch.device,
+    options: SweepOptions,
+) -> tuple[dict[str, list[float]], dict[str, int], dict[str, tuple[str, str]]]:
+    """One token count: warm-up and peak memory per backend, then interleaved timed rounds.
+
+    Returns:
+        Timings in ms and peak bytes of the backends that ran, and `(status, message)` of those that failed.
+    """
+
+    def call_of(backend: str) -> Callable[[], torch.Tensor]:
+        return lambda: functions[backend](module, *inputs)
+
+    peaks: dict[str, int] = {}
+    warm_ms: dict[str, float] = {}
+    failures: dict[str, tuple[str, str]] = {}
+    for backend in backends:
+        try:
+            with torch.inference_mode():
+                warm_ms[backend] = _timed_call(call_of(backend), device)
+                peaks[backend] = peak_call_bytes(call_of(backend), device)
+        except Exception as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            failures[backend] = (
+                "oom" if _is_out_of_memory(error) else "error",
+                f"{type(error).__name__}: {first_line}",
+            )
+            _release_memory(device)
+
+    running = [b for b in backends if b not in failures]
+    times: dict[str, list[float]] = {b: [] for b in running}
+    if running:
+        round_ms = sum(warm_ms[b] for b in running)
+        repeats = int(
+            np.clip(options.seconds_per_point * 1e3 / max(round_ms, 1e-3), options.min_repeats, options.max_repeats)
+        )
+        with torch.inference_mode():
+            for _ in range(repeats):
+                for backend in running:  # interleaved: A B C A B C ...
+                    times[backend].append(_timed_call(call_of(backend), device))
+        synchronize(device)
+    return times, peaks, failures
+
+
+def run_sweep(
+    layer: ExpertsLayer, device: torch.device, dtype: torch.dtype, options: SweepOptions
+) -> list[Measurement]:
+    """Measures every backend at every token count (see the module docstring) and returns all points."""
+    module, spec = layer.module, layer.spec
+    functions = {name: backend_forward(name, type(module)) for name in options.backends}
+    results: list[Measurement] = list(options.done)
+    done = {(m.backend, m.num_tokens) for m in results}
+    stopped: dict[str, str] = {}  # backend -> why it left the sweep
+    for m in results:
+        if m.status != "ok":
+            stopped.setdefault(m.backend, m.error or m.status)
+    slow_streak = dict.fromkeys(options.backends, 0)
+
+    total = len(options.tokens) * len(options.backends) - len(done)
+    bar = tqdm(total=max(total, 0), disable=not options.progress, desc="calibrating", unit="point", leave=False)
+    for num_tokens in options.tokens:
+        pending = [b for b in options.backends if (b, num_tokens) not in done]
+        if not pending:
+            continue
+        hidden_states, top_k_index, top_k_weights = routed_inputs(spec, num_tokens, device, dtype, options.seed)
+        active = []
+        for backend in pending:
+            reason = stopped.get(backend)
+            if reason is None:
+                predicted = _predicted_peak([m for m in results if m.backend == backend], num_tokens)
+                if predicted is not None and predicted > options.memory_limit_bytes:
+                    reason = stopped[backend] = (
+                        f"predicted peak {predicted / 2**30:.2f} GiB exceeds the sweep's memory limit "
+                        f"{options.memory_limit_bytes / 2**30:.2f} GiB"
+                    )
+            if reason is not None:
+                results.append(Measurement(backend, num_tokens, "skipped", error=reason))
+                bar.update()
+                continue
+            active.append(backend)
+
+        inputs = (hidden_states, top_k_index, top_k_weights)
+        times, peaks, failures = _measure_point(functions, module, inputs, active, device, options)
+        for backend, (status, message) in failures.items():
+            logger.info("%s failed at %d tokens (%s); it leaves the sweep", backend, num_tokens, message)
+            results.append(Measurement(backend, num_tokens, status, error=message))
+            stopped[backend] = f"{status} at {num_tokens} tokens"
+            active.remove(backend)
+            bar.update()
+        medians = {b: statistics.median(t) for b, t in times.items()}
+        fastest = min(medians.values(), default=None)
+        for backend in active:
+            results.append(
+                Measurement(backend, num_tokens, "ok", medians[backend], peaks[backend], tuple(times[backend]))
+            )
+            bar.update()
+            slow_streak[backend] = slow_streak[backend] + 1 if medians[backend] >= options.slow_factor * fastest else 0
+            if slow_streak[backend] >= 2:
+                stopped[backend] = f"at least {options.slow_factor:g}x slower than the fastest backend at two points"
+                logger.info("%s leaves the sweep after %d tokens: %s", backend, num_tokens, stopped[backend])
+        del hidden_states, top_k_index, top_k_weights, inputs
+        _release_memory(device)
+    bar.close()
+    return sorted(results, key=lambda m: (m.num_tokens, m.backend))

@@ -1,0 +1,183 @@
+"""The `"auto"` experts backend: a per-call lookup of the token count in the layer's decision table.
+
+The first call on a layer (per dtype, device and top_k) finds its profile and builds its decision table; tables are
+shared by all layers of the same spec. Every later call is a dict lookup on the token count, a walk over the
+registered hooks (if any), and a call of Transformers' own backend function.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+from transformers.integrations.moe import ExpertsInterface
+
+from . import profile as profiles
+from . import settings
+from .decisions import Decision, active_hooks
+from .device import device_name, free_memory_bytes
+from .layer import AUTO, LayerSpec, backend_forward, registered_backends
+from .table import DecisionTable, build_fallback_table, build_profile_table
+
+logger = logging.getLogger(__name__)
+
+_STATE_ATTR = "_autoexperts_state"
+# Token counts cached per table; beyond this many distinct counts, decisions are still made but not kept.
+_MAX_CACHED_TOKEN_COUNTS = 1 << 16
+
+_lock = threading.RLock()
+_tables: dict[tuple, _LayerDispatch] = {}
+_warned_fallback: set[LayerSpec] = set()
+_budget_override: tuple[str, float] | None = None
+# Bumped whenever tables must be rebuilt (new budget, new profiles); modules compare it on every call.
+_epoch = [0]
+
+
+class _LayerDispatch:
+    """One layer spec's decision table and its per-token-count cache of `(backend function, Decision)`."""
+
+    def __init__(self, table: DecisionTable, experts_class: type, profile_path: str | None):
+        self.table = table
+        self.experts_class = experts_class
+        self.profile_path = profile_path
+        self.by_tokens: dict[int, tuple] = {}
+
+    def decide(self, num_tokens: int) -> tuple:
+        region = self.table.region_for(num_tokens)
+        decision = Decision(
+            backend=region.backend,
+            num_tokens=num_tokens,
+            source=region.source,
+            layer=self.table.spec,
+            predicted=self.table.predictions(num_tokens),
+            budget_bytes=self.table.budget_bytes,
+            profile=self.profile_path,
+        )
+        entry = (backend_forward(region.backend, self.experts_class), decision)
+        with _lock:
+            if num_tokens not in self.by_tokens:
+                if len(self.by_tokens) < _MAX_CACHED_TOKEN_COUNTS:
+                    self.by_tokens[num_tokens] = entry
+                logger.debug("%s", decision.summary())
+        return entry
+
+
+class _ModuleState:
+    """Per experts module: the dispatch for each (dtype, device, top_k) it has been called with."""
+
+    __slots__ = ("dispatch", "epoch")
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+        self.dispatch: dict[tuple, _LayerDispatch] = {}
+
+
+def auto_experts_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Runs the backend the layer's decision table gives for this call's token count.
+
+    Args:
+        self (`torch.nn.Module`): an experts module (a class decorated with `@use_experts_implementation`).
+        hidden_states (`torch.Tensor`): `(num_tokens, hidden_dim)`.
+        top_k_index (`torch.Tensor`): `(num_tokens, top_k)` expert ids.
+        top_k_weights (`torch.Tensor`): `(num_tokens, top_k)` routing weights.
+
+    Returns:
+        `torch.Tensor`: `(num_tokens, hidden_dim)`, exactly the chosen backend's output.
+    """
+    state = self.__dict__.get(_STATE_ATTR)
+    if state is None or state.epoch != _epoch[0]:
+        state = self.__dict__[_STATE_ATTR] = _ModuleState(_epoch[0])
+    key = (hidden_states.dtype, hidden_states.device, top_k_index.shape[-1])
+    dispatch = state.dispatch.get(key)
+    if dispatch is None:
+        dispatch = state.dispatch[key] = _layer_dispatch(self, hidden_states.device, top_k_index.shape[-1])
+    num_tokens = hidden_states.shape[0]
+    entry = dispatch.by_tokens.get(num_tokens) or dispatch.decide(num_tokens)
+    hooks = active_hooks()
+    if hooks:
+        for hook in hooks:
+            hook(entry[1])
+    return entry[0](self, hidden_states, top_k_index, top_k_weights)
+
+
+def current_compile_mode() -> str:
+    """The compile mode whose profiles apply to the running code (`"none"` outside `torch.compile`)."""
+    return "default" if torch.compiler.is_compiling() else "none"
+
+
+def memory_budget_bytes(device: torch.device) -> float:
+    """The memory budget in bytes for one experts call on `device`, from `set_memory_budget` or the environment."""
+    kind, value = _budget_override or settings.memory_budget_setting()
+    return value * free_memory_bytes(device) if kind == "fraction" else value
+
+
+def set_memory_budget(budget: str | float | int | None) -> None:
+    """Sets the memory budget of every `auto` layer in this process (overrides `AUTOEXPERTS_MEMORY_BUDGET`).
+
+    Args:
+        budget (`str`, `float`, `int` or `None`): bytes (`"8GiB"`, `2**33`), a fraction of the device's free memory
+            (`0.5`), or `None` to go back to the environment's setting. Decision tables are rebuilt on the next call.
+    """
+    global _budget_override
+    parsed = None if budget is None else settings.parse_memory_budget(budget)
+    with _lock:
+        _budget_override = parsed
+    reset()
+
+
+def reset() -> None:
+    """Forgets every decision table, so the next call of each layer looks for profiles and budgets anew."""
+    with _lock:
+        _tables.clear()
+        _warned_fallback.clear()
+        _epoch[0] += 1
+
+
+def _layer_dispatch(module: torch.nn.Module, device: torch.device, top_k: int) -> _LayerDispatch:
+    spec = LayerSpec.of(module, top_k)
+    compile_mode = current_compile_mode()
+    key = (spec, device, compile_mode)
+    with _lock:
+        dispatch = _tables.get(key)
+        if dispatch is None:
+            model_hint = getattr(getattr(module, "config", None), "_name_or_path", "") or "<model id or config folder>"
+            dispatch = _tables[key] = _build_dispatch(spec, type(module), device, compile_mode, model_hint)
+        return dispatch
+
+
+def _build_dispatch(
+    spec: LayerSpec, experts_class: type, device: torch.device, compile_mode: str, model_hint: str
+) -> _LayerDispatch:
+    budget = memory_budget_bytes(device)
+    candidates = registered_backends()
+    name = device_name(device)
+    profile = profiles.find_profile(spec, name, compile_mode, profiles.search_dirs())
+    if profile is not None:
+        table = build_profile_table(spec, profile.cost_model, candidates, budget)
+        logger.info("auto: %s uses profile %s", spec.describe(), profile.json_path)
+        return _LayerDispatch(table, experts_class, str(profile.json_path))
+    if spec not in _warned_fallback:
+        _warned_fallback.add(spec)
+        logger.warning(
+            "auto: no profile for %s on %s (compile mode %s) in %s; using the fallback rule. "
+            "Calibrate this device with: autoexperts calibrate --model %s --device %s --dtype %s",
+            spec.describe(),
+            name,
+            compile_mode,
+            ", ".join(str(d) for d in profiles.search_dirs()),
+            model_hint,
+            device.type,
+            spec.dtype,
+        )
+    return _LayerDispatch(build_fallback_table(spec, candidates, budget), experts_class, None)
+
+
+def register() -> None:
+    """Registers `"auto"` with Transformers' experts interface (idempotent)."""
+    ExpertsInterface.register(AUTO, auto_experts_forward)

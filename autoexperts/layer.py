@@ -1,0 +1,116 @@
+"""What identifies an experts layer for the cost model, and how each backend's forward is reached.
+
+A backend is a function `fn(experts_module, hidden_states, top_k_index, top_k_weights) -> Tensor`. Every backend
+except `"eager"` lives in Transformers' `ExpertsInterface`; `"eager"` is the experts class's own forward, which
+`@use_experts_implementation` keeps as `forward.__wrapped__`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+AUTO = "auto"
+EAGER = "eager"
+BATCHED_MM = "batched_mm"
+GROUPED_MM = "grouped_mm"
+# The backends every device can run; `calibrate --backends` may add others that Transformers has registered.
+DEFAULT_BACKENDS = (EAGER, BATCHED_MM, GROUPED_MM)
+
+ExpertsForward = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def registered_backends() -> list[str]:
+    """The backend names this process can dispatch to: `"eager"` and every registered one except `"auto"`."""
+    return [EAGER, *(name for name in ALL_EXPERTS_FUNCTIONS if name != AUTO)]
+
+
+def is_experts_module(module: torch.nn.Module) -> bool:
+    """Whether `module`'s class was decorated with Transformers' `@use_experts_implementation`."""
+    down_proj = getattr(module, "down_proj", None)
+    return isinstance(down_proj, torch.Tensor) and down_proj.dim() == 3 and hasattr(type(module).forward, "__wrapped__")
+
+
+def backend_forward(name: str, experts_class: type[torch.nn.Module]) -> ExpertsForward:
+    """The function that runs backend `name` for layers of `experts_class`.
+
+    Raises:
+        `KeyError`: when `name` is neither `"eager"` nor registered with Transformers.
+    """
+    if name == EAGER:
+        original_forward = getattr(experts_class.forward, "__wrapped__", None)
+        if original_forward is None:
+            raise KeyError(
+                f"{experts_class.__name__} has no eager forward (is it decorated with @use_experts_implementation?)"
+            )
+        return original_forward
+    if name == AUTO or name not in ALL_EXPERTS_FUNCTIONS:
+        raise KeyError(f"unknown experts backend {name!r}; registered: {', '.join(registered_backends())}")
+    return ALL_EXPERTS_FUNCTIONS[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """The shape of an experts layer as far as backend costs go: a profile is valid for exactly one `LayerSpec`."""
+
+    experts_class: str
+    num_experts: int
+    hidden_dim: int
+    intermediate_dim: int
+    top_k: int
+    has_gate: bool
+    has_bias: bool
+    is_transposed: bool
+    has_post_expert_norm: bool
+    dtype: str
+    device_type: str
+
+    @classmethod
+    def of(cls, module: torch.nn.Module, top_k: int) -> LayerSpec:
+        """Reads the spec off an experts module (its weights give the dimensions, whatever the attribute names)."""
+        down_proj = module.down_proj  # (num_experts, hidden_dim, intermediate_dim), or transposed
+        is_transposed = bool(getattr(module, "is_transposed", False))
+        num_experts, rows, cols = down_proj.shape
+        hidden_dim, intermediate_dim = (cols, rows) if is_transposed else (rows, cols)
+        return cls(
+            experts_class=type(module).__name__,
+            num_experts=int(num_experts),
+            hidden_dim=int(hidden_dim),
+            intermediate_dim=int(intermediate_dim),
+            top_k=int(top_k),
+            has_gate=bool(getattr(module, "has_gate", True)),
+            has_bias=bool(getattr(module, "has_bias", False)),
+            is_transposed=is_transposed,
+            has_post_expert_norm=bool(getattr(module, "has_post_expert_norm", False)),
+            dtype=str(down_proj.dtype).removeprefix("torch."),
+            device_type=down_proj.device.type,
+        )
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of one expert's weights (up/gate and down projections, without biases)."""
+        up_rows = 2 * self.intermediate_dim if self.has_gate else self.intermediate_dim
+        element_size = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        return (up_rows + self.intermediate_dim) * self.hidden_dim * element_size
+
+    def shape_fields(self) -> dict:
+        """The fields a profile must match, without dtype and device (recorded on their own)."""
+        fields = dataclasses.asdict(self)
+        del fields["dtype"], fields["device_type"]
+        return fields
+
+    def describe(self) -> str:
+        return (
+            f"{self.experts_class}(num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
+            f"intermediate_dim={self.intermediate_dim}, top_k={self.top_k}, {self.dtype}, {self.device_type})"
+        )
+
+    def file_stem(self, compile_mode: str) -> str:
+        """The profile file name (without suffix) for this spec and compile mode."""
+        return (
+            f"{self.experts_class.lower()}-e{self.num_experts}-h{self.hidden_dim}-i{self.intermediate_dim}"
+            f"-k{self.top_k}-{self.dtype}-{compile_mode}"
+        )

@@ -1,0 +1,62 @@
+"""Readable text for profiles: the decision table and the predictions behind it."""
+
+from __future__ import annotations
+
+import math
+
+from .layer import registered_backends
+from .profile import Profile
+from .table import DecisionTable, build_profile_table
+
+
+def format_bytes(value: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(value) >= size:
+            return f"{value / size:.3g} {unit}"
+    return f"{value:.0f} B"
+
+
+def _range(first: int, last: float) -> str:
+    return f"{first} – {'∞' if math.isinf(last) else int(last)}"
+
+
+def profile_table(profile: Profile, budget_bytes: float) -> DecisionTable:
+    """The decision table `auto` builds from `profile` in this process under `budget_bytes`."""
+    return build_profile_table(profile.spec, profile.cost_model, registered_backends(), budget_bytes)
+
+
+def describe_profile(profile: Profile, budget_bytes: float, budget_label: str) -> str:
+    """The header, the decision table, and the predictions at every measured token count."""
+    spec, meta = profile.spec, profile.metadata
+    versions = meta.get("versions", {})
+    sweep = meta.get("sweep", {})
+    model = meta.get("model", {})
+    lines = [
+        f"profile   {profile.json_path}",
+        f"device    {profile.device_name} ({spec.device_type}), {spec.dtype}, compile mode {profile.compile_mode}",
+        f"experts   {spec.experts_class}: {spec.num_experts} experts, hidden_dim {spec.hidden_dim}, "
+        f"intermediate_dim {spec.intermediate_dim}, top_k {spec.top_k}"
+        + (f" (model {model.get('name')})" if model.get("name") else ""),
+        f"measured  {meta.get('created', '?')} with torch {versions.get('torch', '?')}, "
+        f"transformers {versions.get('transformers', '?')}"
+        + (f", in {sweep['wall_seconds']:.1f} s" if "wall_seconds" in sweep else ""),
+        f"budget    {format_bytes(budget_bytes)} ({budget_label})",
+        "",
+    ]
+    table = profile_table(profile, budget_bytes)
+    lines.append(f"{'tokens':<16}{'backend':<14}source")
+    lines += [f"{_range(r.first, r.last):<16}{r.backend:<14}{r.source}" for r in table.regions]
+
+    backends = [b for b in profile.cost_model.backends if b in table.curves]
+    lines += ["", "predicted latency / peak memory at the measured token counts (* = chosen)"]
+    lines.append(f"{'tokens':>8}  " + "".join(f"{b:<26}" for b in backends))
+    for num_tokens in sorted({m.num_tokens for m in profile.measurements}):
+        chosen = table.region_for(num_tokens).backend
+        predictions = table.predictions(num_tokens)
+        cells = []
+        for backend in backends:
+            p = predictions[backend]
+            text = f"{p.latency_ms:.3g} ms / {format_bytes(p.peak_bytes)}" if p.feasible else "infeasible"
+            cells.append(f"{('*' if backend == chosen else ' ') + text:<26}")
+        lines.append(f"{num_tokens:>8}  " + "".join(cells))
+    return "\n".join(lines)

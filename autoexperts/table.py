@@ -1,0 +1,155 @@
+"""Decision tables: token-count ranges mapped to a backend, built once per layer spec and memory budget.
+
+From a profile: at every token count the fastest candidate whose predicted peak memory fits the budget and that did
+not fail there in calibration. When no candidate fits, the one with the smallest predicted memory runs
+(source `"over_budget"`).
+
+Without a profile, the fallback rule (source `"fallback"`):
+- on CUDA, `batched_mm` up to `FALLBACK_BATCHED_MAX_TOKENS` tokens when its weight copies
+  (tokens × top_k × one expert's weights) fit the budget, `grouped_mm` beyond;
+- on CPU and other devices, `grouped_mm` (Transformers' default).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cost_model import CostModel
+from .layer import BATCHED_MM, GROUPED_MM, LayerSpec
+
+FALLBACK_BATCHED_MAX_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class Region:
+    """Token counts `first..last` (inclusive; `last` may be `inf`) run `backend`."""
+
+    first: int
+    last: float
+    backend: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A backend's predicted cost for one call: latency in milliseconds and transient peak memory in bytes."""
+
+    latency_ms: float | None
+    peak_bytes: float | None
+    feasible: bool = True
+
+
+@dataclass(frozen=True)
+class _CandidateCurve:
+    """A candidate's predictions, tabulated at table build so that no estimator runs at dispatch time."""
+
+    latency_ms: np.ndarray  # (limit,) predicted latency at 1..limit tokens
+    memory_line: tuple[float, float]  # (bytes at zero tokens, bytes per token)
+    infeasible_from: float
+
+    def at(self, num_tokens: int) -> Prediction:
+        tokens = max(num_tokens, 1)
+        limit = len(self.latency_ms)
+        latency = self.latency_ms[tokens - 1] if tokens <= limit else self.latency_ms[-1] * tokens / limit
+        intercept, per_token = self.memory_line
+        return Prediction(float(latency), max(intercept + per_token * tokens, 0.0), tokens < self.infeasible_from)
+
+
+class DecisionTable:
+    """Token-count regions of one layer spec, with the predictions that chose them (empty for a fallback table)."""
+
+    def __init__(
+        self,
+        spec: LayerSpec,
+        regions: list[Region],
+        budget_bytes: float,
+        curves: dict[str, _CandidateCurve] | None = None,
+    ):
+        self.spec = spec
+        self.regions = regions
+        self.budget_bytes = budget_bytes
+        self.curves = curves or {}
+        self._firsts = [region.first for region in regions]
+
+    def region_for(self, num_tokens: int) -> Region:
+        index = bisect.bisect_right(self._firsts, num_tokens) - 1
+        return self.regions[max(index, 0)]
+
+    def predictions(self, num_tokens: int) -> dict[str, Prediction]:
+        """Each candidate's predicted cost at `num_tokens`: array look-ups and one multiply, no estimator call."""
+        return {backend: curve.at(num_tokens) for backend, curve in self.curves.items()}
+
+
+def _compress(choices: list[tuple[int, str, str]]) -> list[Region]:
+    """Merges consecutive `(first token count, backend, source)` points into regions."""
+    regions: list[Region] = []
+    for first, backend, source in choices:
+        if regions and regions[-1].backend == backend and regions[-1].source == source:
+            continue
+        if regions:
+            regions[-1] = Region(regions[-1].first, first - 1, regions[-1].backend, regions[-1].source)
+        regions.append(Region(first, math.inf, backend, source))
+    return regions
+
+
+def build_profile_table(
+    spec: LayerSpec, cost_model: CostModel, candidates: list[str], budget_bytes: float
+) -> DecisionTable:
+    """The table a profile's cost model gives for `candidates` under `budget_bytes`.
+
+    Token counts up to the largest measured one are decided one by one; beyond it every latency grows in proportion
+    to the tokens, so the ranking is fixed and only the budget cut-offs of the memory lines can change the choice.
+    """
+    candidates = [b for b in candidates if b in cost_model.backends]
+    if not candidates:
+        raise ValueError("the profile measured none of the candidate backends")
+    limit = max(cost_model.max_tokens(b) for b in candidates)
+    # Token counts where the choice may change beyond `limit`: just past each backend's budget cut-off or failure.
+    cutoffs = set()
+    for backend in candidates:
+        intercept, per_token = cost_model.memory_line(backend)
+        if per_token > 0 and (budget_bytes - intercept) / per_token + 1 > limit:
+            cutoffs.add(math.floor((budget_bytes - intercept) / per_token) + 1)
+        if limit < cost_model.infeasible_from(backend) < math.inf:
+            cutoffs.add(int(cost_model.infeasible_from(backend)))
+    tokens = np.concatenate(
+        [np.arange(1, limit + 1), np.array(sorted(c for c in cutoffs if c > limit), dtype=np.int64)]
+    )
+
+    latency = np.stack([cost_model.latency_ms(b, tokens) for b in candidates])  # (num_candidates, num_points)
+    memory = np.stack([cost_model.peak_bytes(b, tokens) for b in candidates])
+    feasible = np.stack([tokens < cost_model.infeasible_from(b) for b in candidates])
+    fits = feasible & (memory <= budget_bytes)
+    fastest = np.where(fits, latency, np.inf).argmin(axis=0)
+    smallest = np.where(feasible, memory, np.inf).argmin(axis=0)
+    any_fits = fits.any(axis=0)
+
+    choices = [
+        (int(n), candidates[fastest[i]], "profile") if any_fits[i] else (int(n), candidates[smallest[i]], "over_budget")
+        for i, n in enumerate(tokens)
+    ]
+    curves = {
+        backend: _CandidateCurve(
+            latency[i, :limit], cost_model.memory_line(backend), cost_model.infeasible_from(backend)
+        )
+        for i, backend in enumerate(candidates)
+    }
+    return DecisionTable(spec, _compress(choices), budget_bytes, curves)
+
+
+def build_fallback_table(spec: LayerSpec, candidates: list[str], budget_bytes: float) -> DecisionTable:
+    """The documented rule used when no profile matches `spec` (see the module docstring)."""
+    default = GROUPED_MM if GROUPED_MM in candidates else candidates[0]
+    if spec.device_type != "cuda" or BATCHED_MM not in candidates:
+        return DecisionTable(spec, [Region(1, math.inf, default, "fallback")], budget_bytes)
+    # batched_mm gathers one expert's weights per (token, top-k) slot.
+    fits_budget = int(budget_bytes // (spec.top_k * spec.expert_bytes))
+    batched_max = min(FALLBACK_BATCHED_MAX_TOKENS, fits_budget)
+    if batched_max < 1:
+        return DecisionTable(spec, [Region(1, math.inf, default, "fallback")], budget_bytes)
+    regions = [Region(1, batched_max, BATCHED_MM, "fallback"), Region(batched_max + 1, math.inf, default, "fallback")]
+    return DecisionTable(spec, regions, budget_bytes)
