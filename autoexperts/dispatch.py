@@ -90,6 +90,16 @@ def auto_experts_forward(
     Returns:
         `torch.Tensor`: `(num_tokens, hidden_dim)`, exactly the chosen backend's output.
     """
+    backend, decision = dispatch_entry(self, hidden_states, top_k_index)
+    hooks = active_hooks()
+    if hooks:
+        for hook in hooks:
+            hook(decision)
+    return backend(self, hidden_states, top_k_index, top_k_weights)
+
+
+def dispatch_entry(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> tuple:
+    """The hot path's lookup: `(backend function, Decision)` for this call, from the module's cached tables."""
     state = self.__dict__.get(_STATE_ATTR)
     if state is None or state.epoch != _epoch[0]:
         state = self.__dict__[_STATE_ATTR] = _ModuleState(_epoch[0])
@@ -98,12 +108,7 @@ def auto_experts_forward(
     if dispatch is None:
         dispatch = state.dispatch[key] = _layer_dispatch(self, hidden_states.device, top_k_index.shape[-1])
     num_tokens = hidden_states.shape[0]
-    entry = dispatch.by_tokens.get(num_tokens) or dispatch.decide(num_tokens)
-    hooks = active_hooks()
-    if hooks:
-        for hook in hooks:
-            hook(entry[1])
-    return entry[0](self, hidden_states, top_k_index, top_k_weights)
+    return dispatch.by_tokens.get(num_tokens) or dispatch.decide(num_tokens)
 
 
 def current_compile_mode() -> str:

@@ -112,7 +112,7 @@ def build_profile_table(
     cutoffs = set()
     for backend in candidates:
         intercept, per_token = cost_model.memory_line(backend)
-        if per_token > 0 and (budget_bytes - intercept) / per_token + 1 > limit:
+        if per_token > 0 and math.isfinite(budget_bytes):
             cutoffs.add(math.floor((budget_bytes - intercept) / per_token) + 1)
         if limit < cost_model.infeasible_from(backend) < math.inf:
             cutoffs.add(int(cost_model.infeasible_from(backend)))

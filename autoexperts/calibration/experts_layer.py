@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
 
+from ..device import free_memory_bytes
 from ..errors import UsageError
 from ..layer import LayerSpec, is_experts_module
 
@@ -53,10 +54,21 @@ def _meta_model(config: PretrainedConfig, dtype: torch.dtype) -> torch.nn.Module
     raise UsageError(f"cannot build model type {config.model_type!r} with Transformers: {'; '.join(errors)}")
 
 
+def _check_fits(experts: torch.nn.Module, model_type: str, device: torch.device) -> None:
+    weight_bytes = sum(p.numel() * p.element_size() for p in experts.parameters())
+    free = free_memory_bytes(device)
+    if weight_bytes > 0.9 * free:
+        raise UsageError(
+            f"one experts layer of {model_type!r} needs {weight_bytes / 2**30:.1f} GiB of weights, but the "
+            f"{device.type} has {free / 2**30:.1f} GiB free: calibrate on a larger device or another dtype"
+        )
+
+
 def build_experts_layer(
     config: PretrainedConfig, device: torch.device, dtype: torch.dtype, top_k: int | None = None, seed: int = 0
 ) -> ExpertsLayer:
-    """Builds the model's first experts layer on `device` in `dtype`, with N(0, 0.02) weights.
+    """Builds the model's first experts layer on `device` in `dtype`, with N(0, 0.02) weights (left
+    uninitialised on the meta device).
 
     Raises:
         `UsageError`: when the model has no experts layer that Transformers' experts interface drives.
@@ -70,15 +82,17 @@ def build_experts_layer(
         )
     top_k = top_k or _top_k(getattr(experts, "config", config), model)
     del model
+    if device.type != "meta":
+        _check_fits(experts, config.model_type, device)
     layer = experts.to_empty(device=device)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in layer.named_parameters():
-            if "norm" in name:
-                parameter.fill_(1.0)
-            else:
-                values = torch.randn(parameter.shape, generator=generator, dtype=torch.float32) * 0.02
-                parameter.copy_(values)
+    if device.type != "meta":
+        generator = torch.Generator(device=device).manual_seed(seed)
+        with torch.no_grad():
+            for name, parameter in layer.named_parameters():
+                if "norm" in name:
+                    parameter.fill_(1.0)
+                else:
+                    parameter.normal_(0.0, 0.02, generator=generator)
     layer.requires_grad_(False)
     spec = LayerSpec.of(layer, top_k)
     return ExpertsLayer(module=layer, spec=spec, model_type=config.model_type)

@@ -1,0 +1,134 @@
+"""Calibration pieces: presets and model sources, the experts layer, peak memory on CPU, and the sweep."""
+
+import json
+
+import pytest
+import torch
+
+from autoexperts.calibration.experts_layer import build_experts_layer, routed_inputs
+from autoexperts.calibration.memory import peak_call_bytes
+from autoexperts.calibration.model_source import resolve_model
+from autoexperts.calibration.sweep import SweepOptions, default_token_grid, run_sweep
+from autoexperts.errors import UsageError
+from autoexperts.layer import backend_forward, is_experts_module
+from autoexperts.presets import PRESETS
+from tests.conftest import TINY_CONFIGS
+
+# (experts class, num_experts, hidden_dim, intermediate_dim, top_k) of each public model, from its config.json.
+PUBLIC_SHAPES = {
+    "qwen1.5-moe-a2.7b": ("Qwen2MoeExperts", 60, 2048, 1408, 4),
+    "qwen3-30b-a3b": ("Qwen3MoeExperts", 128, 2048, 768, 8),
+    "mixtral-8x7b": ("MixtralExperts", 8, 4096, 14336, 2),
+    "olmoe-1b-7b": ("OlmoeExperts", 64, 2048, 1024, 8),
+    "gpt-oss-20b": ("GptOssExperts", 32, 2880, 2880, 4),
+    "deepseek-v3": ("DeepseekV3Experts", 256, 7168, 2048, 8),
+    "solar-open-100b": ("SolarOpenExperts", 128, 4096, 1280, 8),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLIC_SHAPES))
+def test_public_presets_give_the_published_experts_shape(preset):
+    source = resolve_model(preset)
+    assert source.kind == "preset" and source.hub_id == PRESETS[preset]["hub_id"]
+    layer = build_experts_layer(source.config, torch.device("meta"), torch.bfloat16)
+    spec = layer.spec
+    assert (spec.experts_class, spec.num_experts, spec.hidden_dim, spec.intermediate_dim, spec.top_k) == PUBLIC_SHAPES[
+        preset
+    ]
+
+
+def test_model_source_from_folder_and_config_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral", **TINY_CONFIGS["mixtral"]}))
+    assert resolve_model(str(tmp_path)).config.num_local_experts == 8
+    assert resolve_model(str(tmp_path / "config.json")).kind == "local"
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("no-such-preset", "unknown model"),  # neither a preset nor a path
+        ("./missing-folder", "unknown model"),  # a path that does not exist
+    ],
+)
+def test_model_source_errors(model, message):
+    with pytest.raises(UsageError, match=message):
+        resolve_model(model)
+
+
+def test_non_moe_model_is_a_usage_error():
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "llama", hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=64
+    )
+    with pytest.raises(UsageError, match="no experts layer"):
+        build_experts_layer(config, torch.device("cpu"), torch.float32)
+
+
+def test_experts_layer_is_random_and_routing_distinct():
+    layer = build_experts_layer(resolve_model("small-moe").config, torch.device("cpu"), torch.float32)
+    assert is_experts_module(layer.module)
+    assert layer.module.gate_up_proj.std() > 0.01
+    hidden_states, top_k_index, top_k_weights = routed_inputs(layer.spec, 32, torch.device("cpu"), torch.float32)
+    assert hidden_states.shape == (32, layer.spec.hidden_dim) and top_k_index.dtype == torch.int64
+    assert all(len(set(row.tolist())) == layer.spec.top_k for row in top_k_index)
+    torch.testing.assert_close(top_k_weights.sum(-1), torch.ones(32))
+
+
+def test_cpu_peak_memory_tracks_batched_mm_weight_copies():
+    layer = build_experts_layer(resolve_model("small-moe").config, torch.device("cpu"), torch.float32)
+    spec = layer.spec
+    for num_tokens in (1, 8):
+        inputs = routed_inputs(spec, num_tokens, torch.device("cpu"), torch.float32)
+        fn = backend_forward("batched_mm", type(layer.module))
+        peak = peak_call_bytes(lambda: fn(layer.module, *inputs), torch.device("cpu"))  # noqa: B023
+        # batched_mm holds the gathered gate_up copies (tokens x top_k x 2I x H) while it gathers the down ones.
+        gathered_up = num_tokens * spec.top_k * 2 * spec.intermediate_dim * spec.hidden_dim * 4
+        assert gathered_up <= peak <= num_tokens * spec.top_k * spec.expert_bytes * 1.5
+
+
+def test_default_token_grid_is_log_spaced():
+    assert default_token_grid(16) == [1, 2, 3, 4, 6, 8, 12, 16]
+    assert default_token_grid()[-1] == 4096
+
+
+def test_sweep_records_failures_and_goes_on(monkeypatch):
+    from autoexperts.calibration import sweep
+
+    layer = build_experts_layer(resolve_model("small-moe").config, torch.device("cpu"), torch.float32)
+    real = sweep.backend_forward
+
+    def failing_batched(name, experts_class):
+        if name != "batched_mm":
+            return real(name, experts_class)
+
+        def forward(module, hidden_states, *rest):
+            if hidden_states.shape[0] >= 4:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")  # simulated OOM
+            return real("batched_mm", experts_class)(module, hidden_states, *rest)
+
+        return forward
+
+    monkeypatch.setattr(sweep, "backend_forward", failing_batched)
+    options = SweepOptions(
+        tokens=[1, 2, 4, 8], backends=["batched_mm", "grouped_mm"], seconds_per_point=0.01, progress=False
+    )
+    results = {(m.backend, m.num_tokens): m for m in run_sweep(layer, torch.device("cpu"), torch.float32, options)}
+    assert [results["batched_mm", n].status for n in (1, 2, 4, 8)] == ["ok", "ok", "oom", "skipped"]
+    assert all(results["grouped_mm", n].status == "ok" for n in (1, 2, 4, 8))
+    assert all(len(results["grouped_mm", n].times_ms) >= 3 for n in (1, 2, 4, 8))
+
+
+def test_sweep_skips_points_predicted_over_the_memory_limit():
+    layer = build_experts_layer(resolve_model("small-moe").config, torch.device("cpu"), torch.float32)
+    # batched_mm copies ~1.5 MiB of weights per token here; grouped_mm needs a few KiB.
+    options = SweepOptions(
+        tokens=[1, 2, 64],
+        backends=["batched_mm", "grouped_mm"],
+        memory_limit_bytes=16 * 2**20,
+        seconds_per_point=0.01,
+        progress=False,
+    )
+    results = {(m.backend, m.num_tokens): m for m in run_sweep(layer, torch.device("cpu"), torch.float32, options)}
+    assert results["batched_mm", 64].status == "skipped" and "memory limit" in results["batched_mm", 64].error
+    assert results["grouped_mm", 64].status == "ok"
