@@ -8,6 +8,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from transformers.utils import logging as transformers_logging
+
 from . import settings
 from .errors import UsageError
 
@@ -176,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.verbose:
         logging.getLogger("autoexperts").setLevel(logging.DEBUG)
+    else:  # keep errors to our one line: third-party retries and notices only with -v
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+        transformers_logging.set_verbosity_error()
     try:
         if args.command == "calibrate":
             return _calibrate(args)

@@ -123,3 +123,13 @@ def save(profile_dir):
 
 def replace_spec(spec: LayerSpec, **changes) -> LayerSpec:
     return dataclasses.replace(spec, **changes)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip themselves on machines without a CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -37,6 +37,11 @@ def test_public_presets_give_the_published_experts_shape(preset):
     ]
 
 
+def test_hub_id_of_a_preset_needs_no_network():
+    source = resolve_model("Qwen/Qwen3-30B-A3B")
+    assert (source.kind, source.name, source.hub_id) == ("preset", "qwen3-30b-a3b", "Qwen/Qwen3-30B-A3B")
+
+
 def test_model_source_from_folder_and_config_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral", **TINY_CONFIGS["mixtral"]}))
     assert resolve_model(str(tmp_path)).config.num_local_experts == 8

@@ -123,6 +123,13 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     assert result.stderr.strip() == result.stderr.strip().splitlines()[0]
 
 
+def test_uncached_hub_id_offline_is_a_usage_error(tmp_path):
+    result = _cli("calibrate", "--model", "some-org/uncached-moe", "--out", str(tmp_path), env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "cannot get the config of 'some-org/uncached-moe'" in result.stderr
+
+
 def test_cuda_without_cuda_is_a_usage_error(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

@@ -39,16 +39,21 @@ def _config_from_json_file(path: Path) -> PretrainedConfig:
 
 
 def resolve_model(model: str | None) -> ModelSource:
-    """Resolves `model`: a preset name (case-insensitive), a folder with config.json, a config.json, or a Hub id.
+    """Resolves `model`: a preset name or the Hub id of a preset's model (case-insensitive), a folder with
+    config.json, a config.json, or another Hub id (read from the local cache first).
 
     Raises:
         `UsageError`: with a one-line reason when `model` is none of these or cannot be read.
     """
     name = model or DEFAULT_PRESET
-    preset = PRESETS.get(name.lower())
-    if preset is not None:
+    # A preset's own name, or the Hub id of the public model it copies (same config.json, no network needed).
+    preset_name = next(
+        (key for key, p in PRESETS.items() if name.lower() in (key, (p.get("hub_id") or "").lower())), None
+    )
+    if preset_name is not None:
+        preset = PRESETS[preset_name]
         config = AutoConfig.for_model(preset["model_type"], **preset["config"])
-        return ModelSource(config, "preset", name.lower(), preset.get("hub_id"))
+        return ModelSource(config, "preset", preset_name, preset.get("hub_id"))
 
     path = Path(name).expanduser()
     if path.is_dir():
@@ -62,9 +67,12 @@ def resolve_model(model: str | None) -> ModelSource:
     if name.count("/") != 1 or name.startswith((".", "/", "~")) or name.endswith(".json"):
         raise UsageError(f"unknown model {name!r}: not a preset ({known}), a folder or a config.json")
     try:
-        config = AutoConfig.from_pretrained(name)
+        try:
+            config = AutoConfig.from_pretrained(name, local_files_only=True)  # the cache first: no network wait
+        except OSError:
+            config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError, KeyError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
         raise UsageError(
             f"cannot get the config of {name!r} from the Hugging Face Hub (offline and not cached, or no such model): "
             f"{reason}. Presets: {known}"

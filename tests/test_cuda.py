@@ -1,0 +1,37 @@
+"""On a CUDA device: calibration with CUDA events and allocator peaks, and auto dispatch on CUDA tensors."""
+
+import pytest
+import torch
+
+import autoexperts
+from autoexperts.calibration.run import calibrate
+from tests.conftest import CROSSOVER_CURVES, layer_spec, synthetic_profile, tiny_model
+
+pytestmark = pytest.mark.cuda
+
+
+def test_calibration_on_cuda_measures_time_and_allocator_peak(profile_dir):
+    profile = calibrate(model="small-moe", device="cuda", dtype="bfloat16", tokens=[1, 8, 64], progress=False)
+    ok = [m for m in profile.measurements if m.status == "ok"]
+    assert {m.backend for m in ok} >= {"batched_mm", "grouped_mm"}
+    assert all(m.median_ms > 0 and m.peak_bytes > 0 for m in ok)
+    batched = {m.num_tokens: m.peak_bytes for m in ok if m.backend == "batched_mm"}
+    assert batched[64] > 8 * batched[1]  # weight copies grow with the tokens
+    assert profile.device_name == torch.cuda.get_device_name()
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])  # plain layout; transposed with biases
+def test_auto_on_cuda_equals_chosen_backend(model_type, profile_dir, save):
+    model = tiny_model(model_type, dtype=torch.bfloat16).cuda()
+    spec = layer_spec(model)
+    save(synthetic_profile(spec, CROSSOVER_CURVES))
+    for seq in (3, 40):
+        input_ids = torch.randint(0, 128, (1, seq), device="cuda")
+        with autoexperts.record_decisions() as decisions, torch.no_grad():
+            model.set_experts_implementation("auto")
+            auto = model(input_ids=input_ids).logits
+        (backend,) = {d.backend for d in decisions}
+        assert {d.source for d in decisions} == {"profile"}
+        with torch.no_grad():
+            model.set_experts_implementation(backend)
+            assert torch.equal(auto, model(input_ids=input_ids).logits)
