@@ -28,7 +28,11 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class Measurement:
-    """One sweep point: `backend` at `num_tokens`. `status` is `"ok"`, `"oom"`, `"error"` or `"skipped"`."""
+    """One sweep point: `backend` at `num_tokens`.
+
+    `status` is `"ok"` (measured), `"oom"` or `"error"` (the call failed), `"skipped"` (not run: an earlier failure or
+    the sweep's memory limit; infeasible) or `"slow"` (not run: far slower than the fastest backend; extrapolated).
+    """
 
     backend: str
     num_tokens: int

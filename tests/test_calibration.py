@@ -1,6 +1,7 @@
 """Calibration pieces: presets and model sources, the experts layer, peak memory on CPU, and the sweep."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -137,3 +138,29 @@ def test_sweep_skips_points_predicted_over_the_memory_limit():
     results = {(m.backend, m.num_tokens): m for m in run_sweep(layer, torch.device("cpu"), torch.float32, options)}
     assert results["batched_mm", 64].status == "skipped" and "memory limit" in results["batched_mm", 64].error
     assert results["grouped_mm", 64].status == "ok"
+
+
+def test_sweep_stops_timing_a_backend_far_slower_than_the_fastest(monkeypatch):
+    from autoexperts.calibration import sweep
+
+    layer = build_experts_layer(resolve_model("small-moe").config, torch.device("cpu"), torch.float32)
+    real = sweep.backend_forward
+
+    def slow_eager(name, experts_class):
+        if name != "eager":
+            return real(name, experts_class)
+
+        def forward(*args):
+            time.sleep(0.02)  # far slower than grouped_mm on this tiny layer
+            return real("eager", experts_class)(*args)
+
+        return forward
+
+    monkeypatch.setattr(sweep, "backend_forward", slow_eager)
+    options = SweepOptions(
+        tokens=[1, 2, 4, 8], backends=["eager", "grouped_mm"], seconds_per_point=0.01, progress=False
+    )
+    results = {
+        (m.backend, m.num_tokens): m.status for m in run_sweep(layer, torch.device("cpu"), torch.float32, options)
+    }
+    assert [results["eager", n] for n in (1, 2, 4, 8)] == ["ok", "ok", "slow", "slow"]

@@ -57,3 +57,10 @@ def test_backend_without_successful_points_is_left_out():
 def test_measurement_json_round_trip():
     point = Measurement("grouped_mm", 12, "ok", 1.5, 4096, (1.4, 1.5, 1.6))
     assert Measurement.from_json(point.to_json()) == point
+
+
+def test_points_not_run_for_being_slow_are_extrapolated_not_infeasible():
+    points = [*_points("a", [1, 2, 4], lambda n: 10.0 * n), Measurement("a", 8, "slow", error="far slower")]
+    model = CostModel.fit(points)
+    assert model.infeasible_from("a") == float("inf")
+    np.testing.assert_allclose(model.latency_ms("a", np.array([8])), [80.0])

@@ -2,11 +2,13 @@
 
 At each token count the backends still in the sweep run side by side: one warm-up call each, one call each under
 the memory tracker, then `repeats` rounds of A B C A B C ... timed calls (CUDA events on GPU). A backend leaves the
-sweep (its remaining points recorded as `"skipped"`, which the cost model treats as infeasible) when
+sweep when
 
-- a call runs out of memory (`"oom"`) or raises (`"error"`);
-- its peak memory, extrapolated from its points so far, would exceed the sweep's memory limit;
-- it was at least `slow_factor` times slower than the fastest backend at two consecutive token counts.
+- a call runs out of memory (`"oom"`) or raises (`"error"`): its later points are `"skipped"`, and the cost model
+  treats it as infeasible from the failing count up;
+- its peak memory, extrapolated from its points so far, would exceed the sweep's memory limit: likewise `"skipped"`;
+- it was at least `slow_factor` times slower than the fastest backend at two consecutive token counts: its later
+  points are `"slow"` (not measured, to save time), and the cost model extrapolates its latency.
 """
 
 from __future__ import annotations
@@ -151,10 +153,10 @@ def run_sweep(
     functions = {name: backend_forward(name, type(module)) for name in options.backends}
     results: list[Measurement] = list(options.done)
     done = {(m.backend, m.num_tokens) for m in results}
-    stopped: dict[str, str] = {}  # backend -> why it left the sweep
+    stopped: dict[str, tuple[str, str]] = {}  # backend -> (status of its later points, why it left the sweep)
     for m in results:
         if m.status != "ok":
-            stopped.setdefault(m.backend, m.error or m.status)
+            stopped.setdefault(m.backend, ("slow" if m.status == "slow" else "skipped", m.error or m.status))
     slow_streak = dict.fromkeys(options.backends, 0)
 
     total = len(options.tokens) * len(options.backends) - len(done)
@@ -166,16 +168,17 @@ def run_sweep(
         hidden_states, top_k_index, top_k_weights = routed_inputs(spec, num_tokens, device, dtype, options.seed)
         active = []
         for backend in pending:
-            reason = stopped.get(backend)
-            if reason is None:
+            stop = stopped.get(backend)
+            if stop is None:
                 predicted = _predicted_peak([m for m in results if m.backend == backend], num_tokens)
                 if predicted is not None and predicted > options.memory_limit_bytes:
-                    reason = stopped[backend] = (
+                    stop = stopped[backend] = (
+                        "skipped",
                         f"predicted peak {predicted / 2**30:.2f} GiB exceeds the sweep's memory limit "
-                        f"{options.memory_limit_bytes / 2**30:.2f} GiB"
+                        f"{options.memory_limit_bytes / 2**30:.2f} GiB",
                     )
-            if reason is not None:
-                results.append(Measurement(backend, num_tokens, "skipped", error=reason))
+            if stop is not None:
+                results.append(Measurement(backend, num_tokens, stop[0], error=stop[1]))
                 bar.update()
                 continue
             active.append(backend)
@@ -185,7 +188,7 @@ def run_sweep(
         for backend, (status, message) in failures.items():
             logger.info("%s failed at %d tokens (%s); it leaves the sweep", backend, num_tokens, message)
             results.append(Measurement(backend, num_tokens, status, error=message))
-            stopped[backend] = f"{status} at {num_tokens} tokens"
+            stopped[backend] = ("skipped", f"{status} at {num_tokens} tokens")
             active.remove(backend)
             bar.update()
         medians = {b: statistics.median(t) for b, t in times.items()}
@@ -197,8 +200,9 @@ def run_sweep(
             bar.update()
             slow_streak[backend] = slow_streak[backend] + 1 if medians[backend] >= options.slow_factor * fastest else 0
             if slow_streak[backend] >= 2:
-                stopped[backend] = f"at least {options.slow_factor:g}x slower than the fastest backend at two points"
-                logger.info("%s leaves the sweep after %d tokens: %s", backend, num_tokens, stopped[backend])
+                reason = f"at least {options.slow_factor:g}x slower than the fastest backend at two points"
+                stopped[backend] = ("slow", reason)
+                logger.info("%s leaves the sweep after %d tokens: %s", backend, num_tokens, reason)
         del hidden_states, top_k_index, top_k_weights, inputs
         _release_memory(device)
     bar.close()
