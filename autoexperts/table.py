@@ -1,8 +1,9 @@
 """Decision tables: token-count ranges mapped to a backend, built once per layer spec and memory budget.
 
 From a profile: at every token count the fastest candidate whose predicted peak memory fits the budget and that did
-not fail there in calibration. When no candidate fits, the one with the smallest predicted memory runs
-(source `"over_budget"`).
+not fail there in calibration; a choice is kept for larger counts while it stays within `TIE_TOLERANCE` (2 %) of the
+fastest, so near-ties do not split the table into noise-driven regions. When no candidate fits, the one with the
+smallest predicted memory runs (source `"over_budget"`).
 
 Without a profile, the fallback rule (source `"fallback"`):
 - on CUDA, `batched_mm` up to `FALLBACK_BATCHED_MAX_TOKENS` tokens when its weight copies
@@ -22,6 +23,8 @@ from .cost_model import CostModel
 from .layer import BATCHED_MM, GROUPED_MM, LayerSpec
 
 FALLBACK_BATCHED_MAX_TOKENS = 64
+# A backend stays chosen for larger token counts while its predicted latency is within this share of the fastest's.
+TIE_TOLERANCE = 0.02
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,22 @@ def _compress(choices: list[tuple[int, str, str]]) -> list[Region]:
     return regions
 
 
+def _sticky_fastest(latency: np.ndarray) -> np.ndarray:
+    """Per token count, the fastest candidate, except that the previous choice stays while it is within
+    `TIE_TOLERANCE` of the fastest: near-ties flip with measurement noise, and every region costs a compiled graph.
+
+    Args:
+        latency (`np.ndarray`): `(num_candidates, num_points)`, `inf` where a candidate may not run.
+    """
+    best = latency.argmin(axis=0)
+    chosen = best.copy()
+    for i in range(1, latency.shape[1]):
+        previous = chosen[i - 1]
+        if np.isfinite(latency[previous, i]) and latency[previous, i] <= (1 + TIE_TOLERANCE) * latency[best[i], i]:
+            chosen[i] = previous
+    return chosen
+
+
 def build_profile_table(
     spec: LayerSpec, cost_model: CostModel, candidates: list[str], budget_bytes: float
 ) -> DecisionTable:
@@ -124,7 +143,7 @@ def build_profile_table(
     memory = np.stack([cost_model.peak_bytes(b, tokens) for b in candidates])
     feasible = np.stack([tokens < cost_model.infeasible_from(b) for b in candidates])
     fits = feasible & (memory <= budget_bytes)
-    fastest = np.where(fits, latency, np.inf).argmin(axis=0)
+    fastest = _sticky_fastest(np.where(fits, latency, np.inf))
     smallest = np.where(feasible, memory, np.inf).argmin(axis=0)
     any_fits = fits.any(axis=0)
 

@@ -74,3 +74,23 @@ def test_predictions_match_the_cost_model_inside_and_beyond_the_range():
         for backend, prediction in table.predictions(n).items():
             assert prediction.latency_ms == pytest.approx(profile.cost_model.latency_ms(backend, [n])[0])
             assert prediction.peak_bytes == pytest.approx(profile.cost_model.peak_bytes(backend, [n])[0])
+
+
+def test_near_ties_do_not_split_regions():
+    # b is 1 % faster than a from 16 tokens on: within the tolerance, so a stays chosen.
+    curves = {
+        "eager": (lambda n: 1.0 * n, lambda n: 100 * n),
+        "grouped_mm": (lambda n: (1.0 if n < 16 else 0.99) * n + (0.5 if n < 4 else 0.0), lambda n: 100 * n),
+    }
+    table = _table(curves)
+    assert [(r.first, r.backend) for r in table.regions] == [(1, "eager")]
+
+
+def test_a_clear_win_still_switches():
+    curves = {
+        "eager": (lambda n: 1.0 * n, lambda n: 100 * n),
+        "grouped_mm": (lambda n: (1.0 if n < 16 else 0.9) * n + (0.5 if n < 4 else 0.0), lambda n: 100 * n),
+    }
+    table = _table(curves)
+    assert [r.backend for r in table.regions] == ["eager", "grouped_mm"]
+    assert 8 < table.regions[1].first <= 16
