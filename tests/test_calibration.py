@@ -98,24 +98,32 @@ def test_default_token_grid_is_log_spaced():
     assert default_token_grid()[-1] == 4096
 
 
-def test_sweep_records_failures_and_goes_on(monkeypatch):
+@pytest.fixture
+def small_layer():
+    return build_experts_layer(resolve_model("small-moe").config, torch.device("cpu"), torch.float32)
+
+
+def _wrap_backend(monkeypatch, name, wrapper):
+    """Makes the sweep run `wrapper(real_forward, *args)` for backend `name`."""
     from autoexperts.calibration import sweep
 
-    layer = build_experts_layer(resolve_model("small-moe").config, torch.device("cpu"), torch.float32)
     real = sweep.backend_forward
 
-    def failing_batched(name, experts_class):
-        if name != "batched_mm":
-            return real(name, experts_class)
+    def patched(backend, experts_class):
+        forward = real(backend, experts_class)
+        return forward if backend != name else lambda *args: wrapper(forward, *args)
 
-        def forward(module, hidden_states, *rest):
-            if hidden_states.shape[0] >= 4:
-                raise RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")  # simulated OOM
-            return real("batched_mm", experts_class)(module, hidden_states, *rest)
+    monkeypatch.setattr(sweep, "backend_forward", patched)
 
-        return forward
 
-    monkeypatch.setattr(sweep, "backend_forward", failing_batched)
+def test_sweep_records_failures_and_goes_on(monkeypatch, small_layer):
+    def out_of_memory_from_4_tokens(forward, module, hidden_states, *rest):
+        if hidden_states.shape[0] >= 4:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")  # simulated OOM
+        return forward(module, hidden_states, *rest)
+
+    _wrap_backend(monkeypatch, "batched_mm", out_of_memory_from_4_tokens)
+    layer = small_layer
     options = SweepOptions(
         tokens=[1, 2, 4, 8], backends=["batched_mm", "grouped_mm"], seconds_per_point=0.01, progress=False
     )
@@ -125,8 +133,8 @@ def test_sweep_records_failures_and_goes_on(monkeypatch):
     assert all(len(results["grouped_mm", n].times_ms) >= 3 for n in (1, 2, 4, 8))
 
 
-def test_sweep_skips_points_predicted_over_the_memory_limit():
-    layer = build_experts_layer(resolve_model("small-moe").config, torch.device("cpu"), torch.float32)
+def test_sweep_skips_points_predicted_over_the_memory_limit(small_layer):
+    layer = small_layer
     # batched_mm copies ~1.5 MiB of weights per token here; grouped_mm needs a few KiB.
     options = SweepOptions(
         tokens=[1, 2, 64],
@@ -140,23 +148,13 @@ def test_sweep_skips_points_predicted_over_the_memory_limit():
     assert results["grouped_mm", 64].status == "ok"
 
 
-def test_sweep_stops_timing_a_backend_far_slower_than_the_fastest(monkeypatch):
-    from autoexperts.calibration import sweep
+def test_sweep_stops_timing_a_backend_far_slower_than_the_fastest(monkeypatch, small_layer):
+    def slow(forward, *args):
+        time.sleep(0.02)  # far slower than grouped_mm on this small layer
+        return forward(*args)
 
-    layer = build_experts_layer(resolve_model("small-moe").config, torch.device("cpu"), torch.float32)
-    real = sweep.backend_forward
-
-    def slow_eager(name, experts_class):
-        if name != "eager":
-            return real(name, experts_class)
-
-        def forward(*args):
-            time.sleep(0.02)  # far slower than grouped_mm on this tiny layer
-            return real("eager", experts_class)(*args)
-
-        return forward
-
-    monkeypatch.setattr(sweep, "backend_forward", slow_eager)
+    _wrap_backend(monkeypatch, "eager", slow)
+    layer = small_layer
     options = SweepOptions(
         tokens=[1, 2, 4, 8], backends=["eager", "grouped_mm"], seconds_per_point=0.01, progress=False
     )
