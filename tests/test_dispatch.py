@@ -139,3 +139,19 @@ def test_model_dtype_change_builds_a_new_table(profile_dir, save):
     assert [d.layer.dtype for d in decisions] == ["float32", "float32", "bfloat16", "bfloat16"]
     # No bfloat16 profile: the second pair comes from the fallback rule.
     assert [d.source for d in decisions] == ["profile", "profile", "fallback", "fallback"]
+
+
+def test_generate_with_auto_matches_eager_and_records_prefill_and_decode(profile_dir, save):
+    model = tiny_model("qwen3_moe")
+    save(synthetic_profile(layer_spec(model), CROSSOVER_CURVES))
+    input_ids = _input_ids(2, 6)
+    settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    model.set_experts_implementation("eager")
+    expected = model.generate(input_ids, **settings)
+    model.set_experts_implementation("auto")
+    with autoexperts.record_decisions() as decisions:
+        generated = model.generate(input_ids, **settings)
+    assert torch.equal(generated, expected)
+    assert model.get_experts_implementation()[""] == "auto"
+    # Prefill: 2 x 6 = 12 tokens (grouped_mm); decode steps: 2 tokens each (batched_mm).
+    assert {(d.num_tokens, d.backend) for d in decisions} == {(12, "grouped_mm"), (2, "batched_mm")}
