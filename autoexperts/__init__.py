@@ -8,7 +8,7 @@ import logging
 
 from . import settings as _settings
 from .decisions import Decision, HookHandle, add_dispatch_hook, record_decisions
-from .dispatch import auto_experts_forward, register, reset, set_memory_budget
+from .dispatch import ProfileMissingWarning, auto_experts_forward, register, reset, set_memory_budget
 from .layer import DEFAULT_BACKENDS, LayerSpec
 from .table import Prediction
 
@@ -20,6 +20,7 @@ __all__ = [
     "HookHandle",
     "LayerSpec",
     "Prediction",
+    "ProfileMissingWarning",
     "__version__",
     "add_dispatch_hook",
     "auto_experts_forward",

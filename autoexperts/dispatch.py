@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 
 import torch
 from transformers.integrations.moe import ExpertsInterface
@@ -144,6 +145,10 @@ def reset() -> None:
         _epoch[0] += 1
 
 
+class ProfileMissingWarning(UserWarning):
+    """No calibrated profile matches a layer; `auto` uses the fallback rule until one is calibrated."""
+
+
 def _layer_dispatch(module: torch.nn.Module, device: torch.device, top_k: int) -> _LayerDispatch:
     spec = LayerSpec.of(module, top_k)
     compile_mode = current_compile_mode()
@@ -169,17 +174,15 @@ def _build_dispatch(
         return _LayerDispatch(table, experts_class, str(profile.json_path))
     if spec not in _warned_fallback:
         _warned_fallback.add(spec)
-        logger.warning(
-            "auto: no profile for %s on %s (compile mode %s) in %s; using the fallback rule. "
-            "Calibrate this device with: autoexperts calibrate --model %s --device %s --dtype %s",
-            spec.describe(),
-            name,
-            compile_mode,
-            ", ".join(str(d) for d in profiles.search_dirs()),
-            model_hint,
-            device.type,
-            spec.dtype,
+        message = (
+            f"autoexperts: no profile for {spec.describe()} on {name} (compile mode {compile_mode}) in "
+            f"{', '.join(str(d) for d in profiles.search_dirs())}; using the fallback rule. "
+            f"Calibrate this device with: autoexperts calibrate --model {model_hint} "
+            f"--device {device.type} --dtype {spec.dtype}"
         )
+        # A warning (shown by default, filterable) rather than a log record: the user can fix it by calibrating.
+        warnings.warn(message, ProfileMissingWarning, stacklevel=2)
+        logger.info("%s", message)
     return _LayerDispatch(build_fallback_table(spec, candidates, budget), experts_class, None)
 
 

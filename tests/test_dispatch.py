@@ -93,15 +93,15 @@ def test_memory_budget_from_environment(profile_dir, save, monkeypatch):
     assert {d.backend for d in decisions} == {"grouped_mm"}
 
 
-def test_fallback_without_profile_warns_once(profile_dir, caplog):
+def test_fallback_without_profile_warns_once(profile_dir):
     model = tiny_model("qwen3_moe")
-    with caplog.at_level("WARNING", logger="autoexperts"), autoexperts.record_decisions() as decisions:
+    with pytest.warns(autoexperts.ProfileMissingWarning) as caught, autoexperts.record_decisions() as decisions:
         for seq in (3, 5, 3):
             with torch.no_grad():
                 model(input_ids=_input_ids(1, seq))
-    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 1
-    assert "autoexperts calibrate --model" in warnings[0].getMessage()
+    messages = [str(w.message) for w in caught if issubclass(w.category, autoexperts.ProfileMissingWarning)]
+    assert len(messages) == 1
+    assert "autoexperts calibrate --model" in messages[0] and "--dtype float32" in messages[0]
     # On CPU the fallback rule is Transformers' default, grouped_mm.
     assert {(d.backend, d.source) for d in decisions} == {("grouped_mm", "fallback")}
 
@@ -135,7 +135,8 @@ def test_model_dtype_change_builds_a_new_table(profile_dir, save):
     with autoexperts.record_decisions() as decisions, torch.no_grad():
         model(input_ids=_input_ids(1, 3))
         model.to(torch.bfloat16)
-        model(input_ids=_input_ids(1, 3))
+        with pytest.warns(autoexperts.ProfileMissingWarning, match="bfloat16"):
+            model(input_ids=_input_ids(1, 3))
     assert [d.layer.dtype for d in decisions] == ["float32", "float32", "bfloat16", "bfloat16"]
     # No bfloat16 profile: the second pair comes from the fallback rule.
     assert [d.source for d in decisions] == ["profile", "profile", "fallback", "fallback"]

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
@@ -38,8 +39,8 @@ def test_set_experts_implementation_switches_to_auto_and_back(profile_dir):
     model = tiny_model("olmoe", "eager")
     model.set_experts_implementation("auto")
     assert model.get_experts_implementation()[""] == "auto"
-    with autoexperts.record_decisions() as decisions:
-        model(input_ids=__import__("torch").tensor([[1, 2, 3]]))
+    with autoexperts.record_decisions() as decisions, pytest.warns(autoexperts.ProfileMissingWarning):
+        model(input_ids=torch.tensor([[1, 2, 3]]))
     assert len(decisions) == len(experts_modules(model))
     model.set_experts_implementation("grouped_mm")
     assert model.get_experts_implementation()[""] == "grouped_mm"
