@@ -113,7 +113,6 @@ def _calibrate(args: argparse.Namespace) -> int:
     from .report import describe_profile
 
     device = resolve_device(args.device)
-    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     out = Path(args.out).expanduser() if args.out else default_write_dir()
     _check_writable(out)
     if args.top_k is not None and args.top_k < 1:
@@ -121,7 +120,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     profile = calibrate(
         model=args.model,
         device=str(device),
-        dtype=dtype,
+        dtype=args.dtype,
         tokens=args.tokens,
         backends=args.backends or DEFAULT_BACKENDS,
         out=out,

@@ -41,7 +41,6 @@ class Decision:
         costs = ", ".join(
             f"{name} {p.latency_ms:.3g} ms/{p.peak_bytes / 2**20:.3g} MiB" + ("" if p.feasible else " (failed)")
             for name, p in self.predicted.items()
-            if p.latency_ms is not None and p.peak_bytes is not None
         )
         return f"{self.layer.describe()} num_tokens={self.num_tokens} -> {self.backend} [{self.source}]" + (
             f" predicted: {costs}" if costs else ""

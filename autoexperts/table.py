@@ -41,8 +41,8 @@ class Region:
 class Prediction:
     """A backend's predicted cost for one call: latency in milliseconds and transient peak memory in bytes."""
 
-    latency_ms: float | None
-    peak_bytes: float | None
+    latency_ms: float
+    peak_bytes: float
     feasible: bool = True
 
 

@@ -68,7 +68,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 def calibrate(
     model: str | None = None,
     device: str | None = None,
-    dtype: str = "float32",
+    dtype: str | None = None,
     tokens: Sequence[int] | None = None,
     backends: Sequence[str] = DEFAULT_BACKENDS,
     out: str | Path | None = None,
@@ -81,7 +81,7 @@ def calibrate(
     Args:
         model (`str`, *optional*): a preset name, a folder or config.json, or a Hub id (default: the small preset).
         device (`str`, *optional*): `"cpu"` or `"cuda"` (default: the GPU if there is one).
-        dtype (`str`): `float32`, `bfloat16` or `float16`.
+        dtype (`str`, *optional*): `float32`, `bfloat16` or `float16` (default: bfloat16 on CUDA, float32 elsewhere).
         tokens (`Sequence[int]`, *optional*): token counts to measure (default: `default_token_grid()`).
         backends (`Sequence[str]`): backends to measure (default: eager, batched_mm, grouped_mm).
         out (`str` or `Path`, *optional*): profile folder (default: `AUTOEXPERTS_PROFILE_DIR` or the user cache).
@@ -92,7 +92,8 @@ def calibrate(
     Returns:
         `Profile`: the saved profile (`profile.json_path` says where).
     """
-    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype or ("bfloat16" if torch_device.type == "cuda" else "float32"))
     unknown = [b for b in backends if b not in registered_backends()]
     if unknown:
         raise UsageError(f"unknown backend(s) {', '.join(unknown)}; registered: {', '.join(registered_backends())}")
