@@ -92,18 +92,19 @@ def _check_writable(folder: Path) -> None:
 
 
 def _budget(text: str | None, device_type: str) -> tuple[float, str]:
+    """The budget `auto` would apply in a process like this one, in bytes, and how it was set."""
     import torch
 
-    from .device import free_memory_bytes
+    from .dispatch import memory_budget_bytes
 
     try:
-        kind, value = settings.parse_memory_budget(text) if text else settings.memory_budget_setting()
+        setting = settings.parse_memory_budget(text) if text else settings.memory_budget_setting()
     except ValueError as error:
         raise UsageError(str(error)) from error
-    if kind == "bytes":
-        return value, "fixed"
     device = torch.device("cuda" if device_type == "cuda" and torch.cuda.is_available() else "cpu")
-    return value * free_memory_bytes(device), f"{value:g} of the free memory of this machine's {device.type}"
+    kind, value = setting
+    label = "fixed" if kind == "bytes" else f"{value:g} of the free memory of this machine's {device.type}"
+    return memory_budget_bytes(device, setting), label
 
 
 def _calibrate(args: argparse.Namespace) -> int:

@@ -117,9 +117,15 @@ def current_compile_mode() -> str:
     return "default" if torch.compiler.is_compiling() else "none"
 
 
-def memory_budget_bytes(device: torch.device) -> float:
-    """The memory budget in bytes for one experts call on `device`, from `set_memory_budget` or the environment."""
-    kind, value = _budget_override or settings.memory_budget_setting()
+def memory_budget_bytes(device: torch.device, setting: tuple[str, float] | None = None) -> float:
+    """The memory budget in bytes for one experts call on `device`.
+
+    Args:
+        device (`torch.device`): where a fractional budget takes its share of the free memory.
+        setting (`tuple[str, float]`, *optional*): a parsed budget (default: `set_memory_budget`'s, else the
+            environment's).
+    """
+    kind, value = setting or _budget_override or settings.memory_budget_setting()
     return value * free_memory_bytes(device) if kind == "fraction" else value
 
 
