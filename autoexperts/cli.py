@@ -50,6 +50,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _budget_setting(text: str) -> tuple[str, float]:
+    try:
+        return settings.parse_memory_budget(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="autoexperts", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO) and decisions")
@@ -76,7 +83,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser("show", help="print a profile's decision table")
     show.add_argument("profile", nargs="?", help="a profile .json (default: every profile auto would read)")
-    show.add_argument("--budget", help=f"memory budget to apply (default: ${settings.MEMORY_BUDGET_ENV} or 0.8)")
+    show.add_argument(
+        "--budget", type=_budget_setting, help=f"memory budget to apply (default: ${settings.MEMORY_BUDGET_ENV} or 0.8)"
+    )
 
     commands.add_parser("presets", help="list the built-in presets")
     return parser
@@ -91,14 +100,14 @@ def _check_writable(folder: Path) -> None:
         raise UsageError(f"cannot write profiles to {folder}: {error.strerror or error}") from error
 
 
-def _budget(text: str | None, device_type: str) -> tuple[float, str]:
+def _budget(setting: tuple[str, float] | None, device_type: str) -> tuple[float, str]:
     """The budget `auto` would apply in a process like this one, in bytes, and how it was set."""
     import torch
 
     from .dispatch import memory_budget_bytes
 
     try:
-        setting = settings.parse_memory_budget(text) if text else settings.memory_budget_setting()
+        setting = setting or settings.memory_budget_setting()
     except ValueError as error:
         raise UsageError(str(error)) from error
     device = torch.device("cuda" if device_type == "cuda" and torch.cuda.is_available() else "cpu")

@@ -71,8 +71,15 @@ def parse_memory_budget(text: str | float | int) -> tuple[str, float]:
 
 
 def memory_budget_setting() -> tuple[str, float]:
-    """The memory budget named by `AUTOEXPERTS_MEMORY_BUDGET` (or the default, 0.8 of free memory)."""
-    return parse_memory_budget(os.environ.get(MEMORY_BUDGET_ENV, DEFAULT_MEMORY_BUDGET))
+    """The memory budget named by `AUTOEXPERTS_MEMORY_BUDGET` (or the default, 0.8 of free memory).
+
+    Raises:
+        `ValueError`: naming the variable, when its value cannot be parsed.
+    """
+    try:
+        return parse_memory_budget(os.environ.get(MEMORY_BUDGET_ENV, DEFAULT_MEMORY_BUDGET))
+    except ValueError as error:
+        raise ValueError(f"{MEMORY_BUDGET_ENV}: {error}") from None
 
 
 def user_profile_dir() -> Path:

@@ -104,6 +104,7 @@ def test_presets_lists_every_preset():
         (["calibrate", "--backends", "eager,warp_drive"], "unknown backend"),  # unknown backend
         (["calibrate", "--seconds-per-point", "-1"], "positive"),  # bad timing budget
         (["show", "/no/such/profile.json"], "no profile at"),  # show a missing file
+        (["show", "--budget", "lots"], "memory budget"),  # malformed budget
         (["frobnicate"], "invalid choice"),  # unknown command
     ],
 )

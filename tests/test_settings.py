@@ -26,3 +26,11 @@ def test_parse_memory_budget(text, expected):
 def test_parse_memory_budget_rejects(text):
     with pytest.raises(ValueError, match="memory budget"):
         parse_memory_budget(text)
+
+
+def test_malformed_environment_budget_names_the_variable(monkeypatch):
+    from autoexperts.settings import memory_budget_setting
+
+    monkeypatch.setenv("AUTOEXPERTS_MEMORY_BUDGET", "plenty")
+    with pytest.raises(ValueError, match=r"^AUTOEXPERTS_MEMORY_BUDGET: memory budget 'plenty'"):
+        memory_budget_setting()
