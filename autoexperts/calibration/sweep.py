@@ -16,17 +16,15 @@ from __future__ import annotations
 import gc
 import logging
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..cost_model import Measurement
-from ..device import synchronize
 from ..layer import backend_forward
+from ..timing import interleaved_rounds, repeats_for, timed_call_ms
 from .experts_layer import ExpertsLayer, routed_inputs
 from .memory import peak_call_bytes
 
@@ -73,20 +71,6 @@ def _release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _timed_call(call: Callable[[], torch.Tensor], device: torch.device) -> float:
-    """Milliseconds of one call: CUDA events on GPU, a perf counter elsewhere."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
-        end.synchronize()
-        return float(start.elapsed_time(end))
-    start_time = time.perf_counter()
-    call()
-    return (time.perf_counter() - start_time) * 1e3
-
-
 def _predicted_peak(points: list[Measurement], num_tokens: int) -> float | None:
     """Affine extrapolation of a backend's measured peaks to `num_tokens` (None with fewer than two points)."""
     measured = [(p.num_tokens, p.peak_bytes) for p in points if p.status == "ok" and p.peak_bytes is not None]
@@ -120,7 +104,7 @@ def _measure_point(
     for backend in backends:
         try:
             with torch.inference_mode():
-                warm_ms[backend] = _timed_call(call_of(backend), device)
+                warm_ms[backend] = timed_call_ms(call_of(backend), device)
                 peaks[backend] = peak_call_bytes(call_of(backend), device)
         except Exception as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -131,17 +115,12 @@ def _measure_point(
             _release_memory(device)
 
     running = [b for b in backends if b not in failures]
-    times: dict[str, list[float]] = {b: [] for b in running}
-    if running:
-        round_ms = sum(warm_ms[b] for b in running)
-        repeats = int(
-            np.clip(options.seconds_per_point * 1e3 / max(round_ms, 1e-3), options.min_repeats, options.max_repeats)
-        )
-        with torch.inference_mode():
-            for _ in range(repeats):
-                for backend in running:  # interleaved: A B C A B C ...
-                    times[backend].append(_timed_call(call_of(backend), device))
-        synchronize(device)
+    if not running:
+        return {}, peaks, failures
+    round_ms = sum(warm_ms[b] for b in running)
+    repeats = repeats_for(round_ms, options.seconds_per_point, options.min_repeats, options.max_repeats)
+    with torch.inference_mode():
+        times = interleaved_rounds({b: call_of(b) for b in running}, device, repeats)
     return times, peaks, failures
 
 
