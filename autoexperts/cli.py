@@ -50,6 +50,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
 def _budget_setting(text: str) -> tuple[str, float]:
     try:
         return settings.parse_memory_budget(text)
@@ -88,7 +98,39 @@ def _build_parser() -> argparse.ArgumentParser:
     )
 
     commands.add_parser("presets", help="list the built-in presets")
+    _add_bench_parser(commands)
     return parser
+
+
+def _add_bench_parser(commands) -> None:
+    from .bench.run import COMPILE_MODES, PARTS
+
+    bench = commands.add_parser(
+        "bench", help="calibrate, then time auto against every fixed backend and write JSON, Markdown and a plot"
+    )
+    bench.add_argument("--model", help="a preset name, a folder or config.json, or a Hub id (default: small-moe)")
+    bench.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    bench.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
+    bench.add_argument("--compile", default="none", choices=COMPILE_MODES, help="torch.compile mode (default: none)")
+    bench.add_argument("--out", default="autoexperts-bench", help="results folder (default: ./autoexperts-bench)")
+    bench.add_argument(
+        "--profile-dir", help="use the profiles in this folder instead of calibrating (then calibration is not timed)"
+    )
+    bench.add_argument("--tokens", type=_token_list, help="layer sweep token counts (default: held out from the grid)")
+    bench.add_argument(
+        "--parts", type=_name_list, default=list(PARTS), help=f"comma-separated parts (default: {','.join(PARTS)})"
+    )
+    bench.add_argument("--layers", type=_positive_int, default=2, help="decoder layers of the benchmark model")
+    bench.add_argument("--long-prefill", type=_positive_int, default=2048, help="tokens of the long prefill point")
+    bench.add_argument("--batch-size", type=_positive_int, default=1, help="generate(): sequences per batch")
+    bench.add_argument("--prompt-length", type=_positive_int, default=128, help="generate(): prompt tokens")
+    bench.add_argument("--new-tokens", type=_positive_int, default=32, help="generate(): new tokens per call")
+    bench.add_argument("--rounds", type=_positive_int, default=3, help="generate(): timed rounds per contender")
+    bench.add_argument("--seconds-per-point", type=_positive_float, default=1.0, help="timing budget per point")
+    bench.add_argument(
+        "--calibration-seconds-per-point", type=_positive_float, default=0.6, help="calibrate's timing budget"
+    )
+    bench.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
 def _check_writable(folder: Path) -> None:
@@ -171,6 +213,40 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench.run import BenchOptions, run_benchmark
+
+    out = Path(args.out).expanduser()
+    _check_writable(out)
+    options = BenchOptions(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        compile_mode=args.compile,
+        out=out,
+        profile_dir=Path(args.profile_dir).expanduser() if args.profile_dir else None,
+        sweep_tokens=args.tokens,
+        parts=tuple(args.parts),
+        layers=args.layers,
+        long_prefill=args.long_prefill,
+        batch=args.batch_size,
+        prompt_length=args.prompt_length,
+        new_tokens=args.new_tokens,
+        generate_rounds=args.rounds,
+        seconds_per_point=args.seconds_per_point,
+        calibration_seconds_per_point=args.calibration_seconds_per_point,
+        progress=not args.no_progress,
+    )
+    results = run_benchmark(options)
+    for target in results["targets"]:
+        verdict = {True: "met", False: "MISSED", None: "n/a"}[target["met"]]
+        value = "-" if target["value"] is None else f"{target['value']:.3f}"
+        print(f"{verdict:<7}{target['name']}: {value} ({target['comparison']} {target['limit']:g})")
+    for kind, path in results["files"].items():
+        print(f"{kind:<9}{path}")
+    return 0
+
+
 def _presets() -> int:
     from .presets import DEFAULT_PRESET, PRESETS
 
@@ -195,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             return _calibrate(args)
         if args.command == "show":
             return _show(args)
+        if args.command == "bench":
+            return _bench(args)
         return _presets()
     except UsageError as error:
         print(f"autoexperts: error: {error}", file=sys.stderr)

@@ -1,0 +1,149 @@
+"""The arithmetic behind the benchmark's verdicts: per-contender statistics, the oracle, regret and sweep totals.
+
+A *contender* is one fixed backend (`eager`, `batched_mm`, `grouped_mm`) or `auto`. At each point the *oracle* is the
+fastest fixed backend by median, and `auto`'s *regret* is `auto / oracle - 1`: what `auto` lost against a choice made
+with hindsight. The *choice regret* uses the median of the fixed backend `auto` picked instead of `auto`'s own timing,
+which separates a wrong pick from the noise between two timings of the same kernel.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..layer import AUTO, DEFAULT_BACKENDS
+
+FIXED_BACKENDS = tuple(DEFAULT_BACKENDS)
+CONTENDERS = (*FIXED_BACKENDS, AUTO)
+
+
+@dataclass
+class ContenderRun:
+    """One contender at one point: its timings in ms and peak memory, or why it was not timed.
+
+    `status` is `"ok"`, `"skipped"` (predicted to exceed the memory limit), `"slow"` (dropped after being far slower
+    than the fastest contender) or `"error"`.
+    """
+
+    samples_ms: list[float] = field(default_factory=list)
+    peak_bytes: int | None = None
+    status: str = "ok"
+    note: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok" and bool(self.samples_ms)
+
+    @property
+    def median_ms(self) -> float | None:
+        return statistics.median(self.samples_ms) if self.ok else None
+
+    @property
+    def mean_ms(self) -> float | None:
+        return statistics.fmean(self.samples_ms) if self.ok else None
+
+    @property
+    def p90_ms(self) -> float | None:
+        return float(np.percentile(self.samples_ms, 90)) if self.ok else None
+
+    def to_json(self) -> dict:
+        return {
+            "status": self.status,
+            "note": self.note,
+            "median_ms": self.median_ms,
+            "mean_ms": self.mean_ms,
+            "p90_ms": self.p90_ms,
+            "peak_bytes": self.peak_bytes,
+            "samples_ms": self.samples_ms,
+        }
+
+
+@dataclass
+class PointResult:
+    """Every contender at one point (a token count, or a model input shape) and the backend `auto` chose there."""
+
+    label: str
+    num_tokens: int
+    runs: dict[str, ContenderRun]
+    auto_backend: str | None = None
+
+    def median(self, contender: str) -> float | None:
+        run = self.runs.get(contender)
+        return run.median_ms if run is not None else None
+
+    def oracle(self) -> tuple[str, float] | None:
+        """The fastest fixed backend by median, and its median (None when no fixed backend ran)."""
+        timed = [(self.median(b), b) for b in FIXED_BACKENDS if self.median(b) is not None]
+        if not timed:
+            return None
+        best_ms, best = min(timed)
+        return best, best_ms
+
+    def regret(self) -> float | None:
+        """`auto / oracle - 1` from `auto`'s own timing."""
+        oracle, auto_ms = self.oracle(), self.median(AUTO)
+        return None if oracle is None or auto_ms is None else auto_ms / oracle[1] - 1
+
+    def choice_regret(self) -> float | None:
+        """`chosen / oracle - 1` from the timing of the fixed backend that `auto` chose."""
+        oracle = self.oracle()
+        chosen_ms = self.median(self.auto_backend) if self.auto_backend else None
+        return None if oracle is None or chosen_ms is None else chosen_ms / oracle[1] - 1
+
+    def ratio_to_best_fixed(self, contender: str) -> float | None:
+        oracle, value = self.oracle(), self.median(contender)
+        return None if oracle is None or value is None else value / oracle[1]
+
+    def to_json(self) -> dict:
+        oracle = self.oracle()
+        return {
+            "label": self.label,
+            "num_tokens": self.num_tokens,
+            "auto_backend": self.auto_backend,
+            "oracle": oracle[0] if oracle else None,
+            "oracle_ms": oracle[1] if oracle else None,
+            "regret": self.regret(),
+            "choice_regret": self.choice_regret(),
+            "runs": {name: run.to_json() for name, run in self.runs.items()},
+        }
+
+
+def sweep_summary(points: list[PointResult]) -> dict:
+    """Totals over a sweep: `auto` against the oracle and against each fixed backend, and the worst regrets.
+
+    A fixed backend that was not timed at some points (memory limit, dropped as slow) is compared with `auto` over
+    the points where it ran; `points_missing` says how many it missed.
+    """
+    scored = [p for p in points if p.oracle() is not None and p.median(AUTO) is not None]
+    auto_total = sum(p.median(AUTO) for p in scored)
+    oracle_total = sum(p.oracle()[1] for p in scored)
+    versus: dict[str, dict] = {}
+    for backend in FIXED_BACKENDS:
+        ran = [p for p in scored if p.median(backend) is not None]
+        backend_total = sum(p.median(backend) for p in ran)
+        auto_on_same = sum(p.median(AUTO) for p in ran)
+        versus[backend] = {
+            "total_ms": backend_total if ran else None,
+            "auto_total_ms_same_points": auto_on_same if ran else None,
+            "auto_ratio": auto_on_same / backend_total if ran else None,
+            "points_missing": len(scored) - len(ran),
+        }
+    regrets = [(p.regret(), p.num_tokens) for p in scored]
+    choice_regrets = [(p.choice_regret(), p.num_tokens) for p in scored if p.choice_regret() is not None]
+    worst, worst_tokens = max(regrets) if regrets else (None, None)
+    worst_choice, worst_choice_tokens = max(choice_regrets) if choice_regrets else (None, None)
+    return {
+        "points": len(scored),
+        "auto_total_ms": auto_total,
+        "oracle_total_ms": oracle_total,
+        "auto_over_oracle": auto_total / oracle_total if scored else None,
+        "versus_fixed": versus,
+        "worst_regret": worst,
+        "worst_regret_tokens": worst_tokens,
+        "median_regret": statistics.median(r for r, _ in regrets) if regrets else None,
+        "worst_choice_regret": worst_choice,
+        "worst_choice_regret_tokens": worst_choice_tokens,
+        "oracle_picks": sum(1 for p in scored if p.auto_backend == p.oracle()[0]),
+    }

@@ -1,0 +1,206 @@
+"""The benchmark's Markdown report, written from the results dictionary alone (the JSON holds every raw figure)."""
+
+from __future__ import annotations
+
+from ..report import format_bytes
+from .analysis import CONTENDERS, FIXED_BACKENDS
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.3g} ms" if value < 1000 else f"{value / 1000:.3g} s"
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}×"
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None else f"{value:+.1%}"
+
+
+def _memory(value: float | None) -> str:
+    return "—" if value is None else format_bytes(value)
+
+
+def _run_cell(run: dict) -> str:
+    if run["median_ms"] is not None:
+        return _ms(run["median_ms"])
+    return f"{run['status']}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _targets(results: dict) -> list[str]:
+    rows = []
+    for target in results.get("targets", []):
+        value = target["value"]
+        shown = "—" if value is None else f"{value:.3f}"
+        verdict = {True: "met", False: "**missed**", None: "n/a"}[target["met"]]
+        note = f" ({target['note']})" if target.get("note") else ""
+        rows.append([target["name"] + note, f"{target['comparison']} {target['limit']:g}", shown, verdict])
+    return _table(["target", "limit", "measured", ""], rows) if rows else ["(no targets apply)"]
+
+
+def _sweep(sweep: dict) -> list[str]:
+    rows = []
+    for point in sweep["points"]:
+        runs = point["runs"]
+        rows.append(
+            [str(point["num_tokens"])]
+            + [_run_cell(runs[b]) for b in FIXED_BACKENDS]
+            + [
+                _run_cell(runs["auto"]),
+                point["auto_backend"] or "—",
+                point["oracle"] or "—",
+                _percent(point["regret"]),
+                _percent(point["choice_regret"]),
+                _memory(runs["auto"]["peak_bytes"]),
+            ]
+        )
+    summary = sweep["summary"]
+    versus = summary["versus_fixed"]
+    totals = ["**total**"] + [
+        _ms(versus[b]["total_ms"]) + ("*" if versus[b]["points_missing"] else "") for b in FIXED_BACKENDS
+    ]
+    totals += [_ms(summary["auto_total_ms"]), "", _ms(summary["oracle_total_ms"]), "", "", ""]
+    header = ["tokens", *FIXED_BACKENDS, "auto", "auto chose", "oracle", "regret", "choice regret", "auto peak mem"]
+    lines = _table(header, [*rows, totals])
+    lines += [
+        "",
+        f"auto / oracle over the sweep: **{_ratio(summary['auto_over_oracle'])}**; worst point regret "
+        f"{_percent(summary['worst_regret'])} at {summary['worst_regret_tokens']} tokens (median "
+        f"{_percent(summary['median_regret'])}); worst choice regret {_percent(summary['worst_choice_regret'])} at "
+        f"{summary['worst_choice_regret_tokens']} tokens; auto picked the oracle at {summary['oracle_picks']} of "
+        f"{summary['points']} points.",
+        "",
+        "auto against each fixed backend, over the points where that backend ran: "
+        + "; ".join(f"{b} {_ratio(v['auto_ratio'])}" for b, v in versus.items())
+        + ". `*` a total over fewer points: that backend was skipped (memory limit) or dropped as too slow at "
+        "the others. *Regret* is auto's median over the oracle's minus 1; *choice regret* uses the median of "
+        "the fixed backend auto chose, so it shows a wrong pick without the noise of a second timing.",
+    ]
+    return lines
+
+
+def _contender_rows(point: dict, extra=None) -> list[list[str]]:
+    best = point["oracle_ms"]
+    rows = []
+    for name in CONTENDERS:
+        run = point["runs"].get(name)
+        if run is None:
+            continue
+        if run["median_ms"] is None:
+            rows.append([name, run["status"], "", "", "", run.get("note") or ""])
+            continue
+        ratio = _ratio(run["median_ms"] / best) if best else "—"
+        label = f"{name} → {point['auto_backend']}" if name == "auto" and point["auto_backend"] else name
+        row = [label, _ms(run["mean_ms"]), _ms(run["median_ms"]), _ms(run["p90_ms"]), _memory(run["peak_bytes"]), ratio]
+        rows.append(row + (extra(name) if extra else []))
+    return rows
+
+
+def _forward(results: dict) -> list[str]:
+    lines = []
+    for point in results["forward"]:
+        lines += ["", f"**{point['label']}** ({point['num_tokens']} tokens)", ""]
+        header = ["Implementation", "Mean", "Median", "P90 latency", "Peak Mem", "vs best fixed"]
+        lines += _table(header, _contender_rows(point))
+    return lines
+
+
+def _generation(results: dict) -> list[str]:
+    generation = results["generation"]
+    new_tokens = generation["new_tokens"]
+    default = generation["runs"].get("grouped_mm", {}).get("median_ms")
+
+    def extra(name: str) -> list[str]:
+        median = generation["runs"][name]["median_ms"]
+        per_token = _ms(median / new_tokens)
+        versus_default = _ratio(median / default) if default else "—"
+        same = generation["same_tokens_as_eager"].get(name)
+        return [per_token, versus_default, {True: "yes", False: "no", None: "—"}[same]]
+
+    header = ["Implementation", "Mean", "Median", "P90 latency", "Peak Mem", "vs best fixed", "per new token",
+              "vs default (grouped_mm)", "same tokens as eager"]  # fmt: skip
+    device_type = results["machine"]["device_type"]
+    switch = (
+        "On this GPU Transformers' default switches grouped_mm to batched_mm for the decode steps."
+        if device_type == "cuda"
+        else "On CPU Transformers keeps grouped_mm for decoding (its switch to batched_mm applies on GPUs only)."
+    )
+    decisions = ", ".join(f"{b}: {n}" for b, n in generation["auto_decisions"].items())
+    return [
+        f"`{generation['label']}`: greedy, {new_tokens} new tokens, median of the timed rounds. {switch}",
+        f"auto's choices in one call (per layer): {decisions}.",
+        "",
+        *_table(header, _contender_rows(generation, extra)),
+    ]
+
+
+def markdown_report(results: dict) -> str:
+    """The report: verdicts on the targets, then each part's tables, then the decision table and the plot."""
+    machine, versions, layer = results["machine"], results["versions"], results["layer"]
+    calibration = results["calibration"]
+    title = f"{results['model']['name']} on {machine['device']} ({results['dtype']}, compile {results['compile_mode']})"
+    lines = [
+        f"# autoexperts bench: {title}",
+        "",
+        f"- machine: {machine['device']} ({machine['device_type']}; CPU {machine['cpu']}, {machine['cpu_count']} "
+        f"cores, {machine['torch_threads']} torch threads); torch {versions['torch']}, transformers "
+        f"{versions['transformers']}, autoexperts {versions['autoexperts']}; {results['created']}",
+        f"- experts layer: {layer['experts_class']}, {layer['num_experts']} experts, hidden_dim {layer['hidden_dim']}, "
+        f"intermediate_dim {layer['intermediate_dim']}, top_k {layer['top_k']}",
+        f"- memory budget {_memory(results['budget_bytes'])}; fixed backends predicted above "
+        f"{_memory(results['memory_limit_bytes'])} are not run",
+    ]
+    if results.get("command"):
+        lines.append(f"- command: `{results['command']}`")
+    lines += ["", "## Targets", "", *_targets(results)]
+    if "layer_sweep" in results:
+        lines += [
+            "",
+            "## 1. Layer sweep at token counts not in the calibration grid",
+            "",
+            *_sweep(results["layer_sweep"]),
+        ]
+    if "forward" in results:
+        bench = results["model_bench"]
+        lines += ["", f"## 2. Model forward ({bench['layers']} layers, vocabulary {bench['vocab_size']}, no KV cache)"]
+        lines += _forward(results)
+    if "generation" in results:
+        lines += ["", "## 3. generate()", "", *_generation(results)]
+    if "overhead" in results:
+        overhead = results["overhead"]
+        lines += [
+            "",
+            "## 4. Dispatch overhead (cached decision)",
+            "",
+            f"- whole auto path with a no-op backend, minus a direct no-op call: **{overhead['auto_path_us']:.2f} µs**",
+            f"- the lookup alone: {overhead['lookup_us']:.2f} µs",
+            f"- auto minus a direct {overhead['backend']} call at 1 token ({overhead['direct_call_us']:.1f} µs per "
+            f"call): {overhead['auto_minus_direct_us']:.2f} µs (difference of two noisy times)",
+        ]
+    lines += ["", "## 5. Calibration", ""]
+    if calibration.get("wall_seconds") is not None:
+        lines.append(
+            f"`autoexperts calibrate` took **{calibration['wall_seconds']:.1f} s** wall (the sweep itself "
+            f"{calibration['sweep_seconds']:.1f} s) over {len(calibration['grid'])} token counts."
+        )
+    else:
+        lines.append(f"Reused the profile {calibration['profile']} (calibration not timed).")
+    lines += ["", "Decision table auto built from it (under this run's budget):", ""]
+    rows = [
+        [f"{r['first']} – {'∞' if r['last'] is None else r['last']}", r["backend"], r["source"]]
+        for r in calibration["regions"]
+    ]
+    lines += _table(["tokens", "backend", "source"], rows)
+    plot = results.get("files", {}).get("plot")
+    if plot:
+        name = plot.rsplit("/", 1)[-1]
+        lines += ["", f"![latency against token count]({name})"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,256 @@
+"""`run_benchmark()`: calibrate, then time `auto` against every fixed backend, and write JSON, Markdown and a plot.
+
+The five parts, all in this one process except the calibration (timed as the command a user runs):
+calibration cost, layer sweep at held-out token counts, model forwards, `generate()`, dispatch overhead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gc
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import dispatch, settings
+from ..calibration.experts_layer import build_experts_layer
+from ..calibration.model_source import ModelSource, resolve_model
+from ..calibration.run import SWEEP_MEMORY_FRACTION, library_versions, resolve_device, resolve_dtype
+from ..device import _cpu_model_name, device_name, device_slug, free_memory_bytes
+from ..errors import UsageError
+from ..profile import Profile, find_profile
+from ..report import profile_table
+from .analysis import sweep_summary
+from .layer_sweep import TimingOptions, held_out_tokens, run_layer_sweep
+from .model_bench import build_bench_model, forward_points, run_forward_points, run_generation
+from .overhead import measure_dispatch_overhead
+from .targets import evaluate_targets
+
+logger = logging.getLogger(__name__)
+
+COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs")
+PARTS = ("sweep", "forward", "generate", "overhead")
+
+
+@dataclass
+class BenchOptions:
+    """What to benchmark and how long to spend on it (the `autoexperts bench` options)."""
+
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    compile_mode: str = "none"
+    out: Path = Path("autoexperts-bench")
+    profile_dir: Path | None = None  # reuse the profiles there instead of calibrating (no calibration cost then)
+    sweep_tokens: list[int] | None = None  # default: held out from the calibration grid
+    parts: tuple[str, ...] = PARTS
+    layers: int = 2
+    vocab_size: int = 1024
+    long_prefill: int = 2048
+    batch: int = 1
+    prompt_length: int = 128
+    new_tokens: int = 32
+    generate_rounds: int = 3
+    seconds_per_point: float = 1.0
+    calibration_seconds_per_point: float = 0.6
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _reading_profiles_from(folder: Path):
+    """Points `auto` at `folder` for the benchmark (its tables are rebuilt on entry and exit)."""
+    previous = os.environ.get(settings.PROFILE_DIR_ENV)
+    os.environ[settings.PROFILE_DIR_ENV] = str(folder)
+    dispatch.reset()
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(settings.PROFILE_DIR_ENV, None)
+        else:
+            os.environ[settings.PROFILE_DIR_ENV] = previous
+        dispatch.reset()
+
+
+def _calibrate(options: BenchOptions, device: torch.device, dtype: torch.dtype, folder: Path) -> float:
+    """Runs `autoexperts calibrate` as a user would (its progress bar on stderr) and returns its wall time."""
+    command = [
+        sys.executable, "-m", "autoexperts", "calibrate", "--model", options.model or "small-moe",
+        "--device", str(device), "--dtype", str(dtype).removeprefix("torch."), "--out", str(folder),
+        "--seconds-per-point", str(options.calibration_seconds_per_point),
+    ]  # fmt: skip
+    if options.compile_mode != "none":
+        command += ["--compile", options.compile_mode]
+    if not options.progress:
+        command.append("--no-progress")
+    logger.info("calibrating: %s", " ".join(command))
+    started = time.perf_counter()
+    completed = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+    elapsed = time.perf_counter() - started
+    if completed.returncode != 0:
+        raise UsageError(f"calibration failed (exit status {completed.returncode}); its error is above")
+    return elapsed
+
+
+def _model_label(source: ModelSource) -> str:
+    """A file-name-safe model name: the preset, the Hub id with `--` for `/`, or a local folder's own name."""
+    if source.kind == "local":
+        path = Path(source.name)
+        return path.parent.name if path.name == "config.json" else path.name
+    return source.name.replace("/", "--")
+
+
+def _machine(device: torch.device) -> dict:
+    machine = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "cpu": _cpu_model_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        machine |= {"gpu_memory_bytes": properties.total_memory, "cuda": torch.version.cuda}
+    return machine
+
+
+def _compile_wrapper(mode: str):
+    if mode == "none":
+        return lambda fn: fn
+    return lambda fn: torch.compile(fn, dynamic=True, mode=None if mode == "default" else mode)
+
+
+def run_benchmark(options: BenchOptions) -> dict:
+    """Runs the benchmark (see the module docstring) and writes `<out>/<device>/<model>-<dtype>-<compile>.{json,md,
+    png}`; returns the results (as written to the JSON), with the written paths under `"files"`.
+    """
+    if options.compile_mode not in COMPILE_MODES:
+        raise UsageError(f"unknown compile mode {options.compile_mode!r}: use {', '.join(COMPILE_MODES)}")
+    unknown = set(options.parts) - set(PARTS)
+    if unknown:
+        raise UsageError(f"unknown benchmark part(s) {', '.join(sorted(unknown))}: use {', '.join(PARTS)}")
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    source = resolve_model(options.model)
+    folder = Path(options.out).expanduser() / device_slug(device_name(device))
+    stem = f"{_model_label(source)}-{str(dtype).removeprefix('torch.')}-{options.compile_mode}"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    calibration: dict = {}
+    # Calibrated profiles go to <out>/profiles/<device>/, the layout of the shipped profiles/ folder.
+    profile_dir = Path(options.profile_dir).expanduser() if options.profile_dir else Path(options.out) / "profiles"
+    if options.profile_dir is None:
+        calibration["wall_seconds"] = _calibrate(options, device, dtype, profile_dir)
+
+    results: dict = {
+        "kind": "autoexperts-bench",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["autoexperts", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else None,
+        "model": source.describe(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "compile_mode": options.compile_mode,
+        "machine": _machine(device),
+        "versions": library_versions(),
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
+    }
+    timing = TimingOptions(seconds_per_point=options.seconds_per_point)
+    wrap = _compile_wrapper(options.compile_mode)
+    with _reading_profiles_from(profile_dir):
+        layer = build_experts_layer(source.config, device, dtype)
+        profile = find_profile(layer.spec, device_name(device), options.compile_mode, [profile_dir])
+        if profile is None:
+            raise UsageError(f"no profile for {layer.spec.describe()} ({options.compile_mode}) in {profile_dir}")
+        budget = dispatch.memory_budget_bytes(device)
+        memory_limit = SWEEP_MEMORY_FRACTION * free_memory_bytes(device)
+        calibration |= _calibration_record(profile, budget)
+        results |= {"layer": layer.spec.shape_fields(), "calibration": calibration, "budget_bytes": budget}
+        results["memory_limit_bytes"] = memory_limit
+
+        sweep_tokens = options.sweep_tokens or held_out_tokens(profile.metadata["sweep"]["tokens"])
+        points = forward_points(options.long_prefill)
+        steps = len(sweep_tokens) * ("sweep" in options.parts) + len(points) * ("forward" in options.parts)
+        steps += ("generate" in options.parts) + ("overhead" in options.parts)
+        with tqdm(total=steps, disable=not options.progress, desc="benchmark", unit="step") as bar:
+            if "overhead" in options.parts:
+                bar.set_postfix_str("dispatch overhead")
+                results["overhead"] = measure_dispatch_overhead(layer, device, dtype)
+                bar.update()
+            if "sweep" in options.parts:
+                bar.set_postfix_str("layer sweep")
+                sweep = run_layer_sweep(
+                    layer, device, dtype, sweep_tokens, profile.cost_model, memory_limit, timing, wrap, bar.update
+                )
+                results["layer_sweep"] = {
+                    "points": [p.to_json() for p in sweep],
+                    "summary": sweep_summary(sweep),
+                }
+            del layer
+            gc.collect()
+            if {"forward", "generate"} & set(options.parts):
+                model = build_bench_model(source.config, device, dtype, options.layers, options.vocab_size)
+                results["model_bench"] = {"layers": options.layers, "vocab_size": options.vocab_size}
+                if "forward" in options.parts:
+                    bar.set_postfix_str("model forward")
+                    runner = wrap(model) if options.compile_mode != "none" else model
+                    forward = run_forward_points(
+                        model, points, device, profile.cost_model, memory_limit, timing, bar.update, call=runner
+                    )
+                    results["forward"] = [p.to_json() for p in forward]
+                if "generate" in options.parts:
+                    bar.set_postfix_str("generate()")
+                    generation = run_generation(
+                        model, device, options.batch, options.prompt_length, options.new_tokens,
+                        options.generate_rounds, profile.cost_model, memory_limit,
+                    )  # fmt: skip
+                    results["generation"] = generation.to_json()
+                    bar.update()
+                del model
+                gc.collect()
+    results["targets"] = evaluate_targets(results)
+    results["files"] = _write(results, folder, stem, profile)
+    return results
+
+
+def _calibration_record(profile: Profile, budget: float) -> dict:
+    table = profile_table(profile, budget)
+    return {
+        "profile": str(profile.json_path),
+        "sweep_seconds": profile.metadata.get("sweep", {}).get("wall_seconds"),
+        "grid": profile.metadata.get("sweep", {}).get("tokens"),
+        "regions": [
+            {
+                "first": r.first,
+                "last": None if r.last == float("inf") else int(r.last),
+                "backend": r.backend,
+                "source": r.source,
+            }
+            for r in table.regions
+        ],
+        "measurements": [m.to_json() for m in profile.measurements],
+    }
+
+
+def _write(results: dict, folder: Path, stem: str, profile: Profile) -> dict:
+    from .plot import write_plot
+    from .report import markdown_report
+
+    json_path, markdown_path, plot_path = (folder / f"{stem}.{suffix}" for suffix in ("json", "md", "png"))
+    files = {"json": str(json_path), "markdown": str(markdown_path)}
+    if write_plot(results, plot_path):
+        files["plot"] = str(plot_path)
+    results["files"] = files
+    json_path.write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
+    markdown_path.write_text(markdown_report(results), encoding="utf-8")
+    return files

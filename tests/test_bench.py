@@ -1,0 +1,187 @@
+"""The benchmark's own logic: held-out token counts, oracle and regret, totals, targets, and the files it writes."""
+
+import itertools
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from autoexperts.bench.analysis import ContenderRun, PointResult, sweep_summary
+from autoexperts.bench.layer_sweep import held_out_tokens
+from autoexperts.bench.run import BenchOptions, run_benchmark
+from autoexperts.bench.targets import evaluate_targets
+from autoexperts.calibration.run import calibrate
+from autoexperts.calibration.sweep import default_token_grid
+from tests.conftest import tiny_config
+
+
+def _point(num_tokens, auto_backend, **samples):
+    runs = {
+        name: ContenderRun(samples_ms=list(values)) if values else ContenderRun(status="skipped", note="memory")
+        for name, values in samples.items()
+    }
+    return PointResult(str(num_tokens), num_tokens, runs, auto_backend)
+
+
+@pytest.mark.parametrize(
+    "grid",
+    [
+        default_token_grid(),  # the calibration default: 1, 2, 3, 4, 6, ..., 4096
+        [1, 2, 4, 8, 16],  # powers of two
+        [1, 100, 10_000],  # sparse
+    ],
+)
+def test_held_out_tokens_lie_between_and_beyond_the_grid(grid):
+    held_out = held_out_tokens(grid)
+    assert held_out and not set(held_out) & set(grid)
+    inside = [n for n in held_out if n < max(grid)]
+    # every gap of the grid wide enough to hold an integer gets one point, strictly inside it
+    gaps = [(a, b) for a, b in itertools.pairwise(grid) if b - a > 1]
+    assert len(inside) == len(gaps)
+    assert all(a < n < b for n, (a, b) in zip(inside, gaps, strict=True))
+    assert [n for n in held_out if n > max(grid)] == [round(1.5 * max(grid)), 2 * max(grid)]
+
+
+@pytest.mark.parametrize(
+    ("point", "oracle", "regret", "choice_regret"),
+    [
+        # auto picked the fastest backend; its own timing is 10 % above that backend's
+        (
+            _point(8, "batched_mm", eager=[3, 3, 3], batched_mm=[1, 2, 3], grouped_mm=[4], auto=[2.2]),
+            "batched_mm",
+            0.1,
+            0,
+        ),
+        # auto picked eager, 50 % slower than the oracle; its own timing a bit slower still
+        (_point(8, "eager", eager=[3], batched_mm=[2], grouped_mm=[4], auto=[3.1]), "batched_mm", 0.55, 0.5),
+        # batched_mm was not run (memory): the oracle is the fastest of the others
+        (_point(8, "grouped_mm", eager=[5], batched_mm=[], grouped_mm=[4], auto=[4]), "grouped_mm", 0.0, 0.0),
+    ],
+)
+def test_oracle_and_regret(point, oracle, regret, choice_regret):
+    assert point.oracle()[0] == oracle
+    assert point.regret() == pytest.approx(regret)
+    assert point.choice_regret() == pytest.approx(choice_regret)
+
+
+def test_sweep_summary_compares_each_backend_over_the_points_where_it_ran():
+    points = [
+        _point(4, "batched_mm", eager=[4], batched_mm=[1], grouped_mm=[2], auto=[1.1]),
+        _point(400, "grouped_mm", eager=[30], batched_mm=[], grouped_mm=[20], auto=[21]),
+    ]
+    summary = sweep_summary(points)
+    assert summary["auto_total_ms"] == pytest.approx(22.1)
+    assert summary["oracle_total_ms"] == pytest.approx(21)
+    assert summary["auto_over_oracle"] == pytest.approx(22.1 / 21)
+    assert summary["versus_fixed"]["eager"]["auto_ratio"] == pytest.approx(22.1 / 34)
+    batched = summary["versus_fixed"]["batched_mm"]
+    assert batched["points_missing"] == 1 and batched["auto_ratio"] == pytest.approx(1.1)
+    assert (summary["worst_regret"], summary["worst_regret_tokens"]) == (pytest.approx(0.1), 4)
+    assert summary["oracle_picks"] == 2
+
+
+def test_targets_flag_misses_and_strict_comparisons():
+    points = [
+        _point(4, "batched_mm", eager=[4], batched_mm=[1], grouped_mm=[2], auto=[1.02]),
+        _point(400, "grouped_mm", eager=[30], batched_mm=[], grouped_mm=[20], auto=[20]),
+    ]
+    results = {
+        "machine": {"device_type": "cpu"},
+        "layer_sweep": {"summary": sweep_summary(points)},
+        "overhead": {"auto_path_us": 2.5},
+        "calibration": {"wall_seconds": 100.0},
+    }
+    verdicts = {t["name"]: t["met"] for t in evaluate_targets(results)}
+    assert verdicts["layer sweep: auto total / oracle total"] is True  # 21.02 / 21
+    assert verdicts["layer sweep: auto total / eager total"] is True
+    assert verdicts["layer sweep: auto total / batched_mm total"] is False  # 1.02 / 1: not strictly below
+    assert verdicts["layer sweep: worst point regret"] is True  # 2 % <= 10 % on CPU
+    assert verdicts["dispatch overhead per call (µs)"] is False
+    assert verdicts["calibration wall time (s)"] is True
+    assert not any("generate" in name for name in verdicts)  # generate() targets are for GPUs
+
+
+@pytest.fixture
+def tiny_model_folder(tmp_path):
+    folder = tmp_path / "tiny-qwen3-moe"
+    tiny_config("qwen3_moe").save_pretrained(folder)
+    return folder
+
+
+def test_benchmark_writes_consistent_json_markdown_and_plot(tiny_model_folder, tmp_path, profile_dir):
+    profiles = tmp_path / "bench-profiles"
+    calibrate(str(tiny_model_folder), "cpu", "float32", [1, 2, 4, 8, 16], out=profiles, progress=False,
+              seconds_per_point=0.005)  # fmt: skip
+    options = BenchOptions(
+        model=str(tiny_model_folder), device="cpu", out=tmp_path / "results", profile_dir=profiles,
+        sweep_tokens=[3, 6, 12], long_prefill=32, prompt_length=8, new_tokens=3, generate_rounds=1,
+        seconds_per_point=0.005, progress=False,
+    )  # fmt: skip
+    results = run_benchmark(options)
+
+    with open(results["files"]["json"], encoding="utf-8") as file:
+        written = json.load(file)
+    assert written["machine"]["device_type"] == "cpu" and written["versions"]["torch"] == torch.__version__
+    for point in written["layer_sweep"]["points"]:
+        fixed = {b: r["median_ms"] for b, r in point["runs"].items() if b != "auto" and r["median_ms"] is not None}
+        assert point["oracle"] == min(fixed, key=fixed.get)
+        assert point["regret"] == pytest.approx(point["runs"]["auto"]["median_ms"] / min(fixed.values()) - 1)
+        assert point["auto_backend"] in fixed
+    assert [p["num_tokens"] for p in written["forward"]] == [1, 16, 128, 64, 512, 32]
+    assert written["generation"]["same_tokens_as_eager"]["eager"] is True
+    assert sum(written["generation"]["auto_decisions"].values()) == 3  # one prefill and two decode steps
+    assert {t["name"] for t in written["targets"]} >= {"layer sweep: worst point regret"}
+
+    with open(results["files"]["markdown"], encoding="utf-8") as file:
+        markdown = file.read()
+    assert "| Implementation | Mean | Median | P90 latency | Peak Mem | vs best fixed |" in markdown
+    assert "## 1. Layer sweep" in markdown and "## 3. generate()" in markdown
+    with open(results["files"]["plot"], "rb") as png:
+        assert png.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _bench_cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "autoexperts", "bench", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
+
+
+@pytest.mark.slow
+def test_bench_command_calibrates_then_benchmarks(tiny_model_folder, tmp_path):
+    out = tmp_path / "results"
+    completed = _bench_cli(
+        "--model", str(tiny_model_folder), "--parts", "sweep,overhead", "--tokens", "5,24",
+        "--calibration-seconds-per-point", "0.005", "--seconds-per-point", "0.005", "--out", str(out), "--no-progress",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    (json_path,) = out.glob("*/tiny-qwen3-moe-float32-none.json")
+    results = json.loads(json_path.read_text(encoding="utf-8"))
+    assert results["calibration"]["wall_seconds"] > 0  # the calibrate command was run and timed
+    assert [p["num_tokens"] for p in results["layer_sweep"]["points"]] == [5, 24]
+    assert list(out.glob("profiles/*/*.json")), "the calibrated profile is kept beside the results"
+    assert "calibration wall time (s)" in completed.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--parts", "sweep,nonsense"], "unknown benchmark part"),  # a part that does not exist
+        (["--compile", "fast"], "invalid choice"),  # an unknown compile mode
+        (["--new-tokens", "0"], "must be a positive integer"),  # a non-positive count
+        (["--model", "no-such-preset"], "unknown model"),  # a model that is neither preset, folder nor Hub id
+    ],
+)
+def test_bench_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
+    from autoexperts.cli import main
+
+    try:
+        status = main(["bench", *args, "--out", str(tmp_path / "results"), "--no-progress"])
+    except SystemExit as exit_:  # argparse's own errors
+        status = exit_.code
+    stderr = capsys.readouterr().err
+    assert status == 2
+    assert message in stderr and len(stderr.strip().splitlines()) == 1
+    assert not list((tmp_path / "results").glob("*/*.json"))
