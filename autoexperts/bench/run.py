@@ -149,8 +149,8 @@ def run_benchmark(options: BenchOptions) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
 
     calibration: dict = {}
-    # Calibrated profiles go to <out>/profiles/<device>/, the layout of the shipped profiles/ folder.
-    profile_dir = Path(options.profile_dir).expanduser() if options.profile_dir else Path(options.out) / "profiles"
+    # Calibrated profiles stay with the machine's results, in the layout of the shipped profiles/ folder.
+    profile_dir = Path(options.profile_dir).expanduser() if options.profile_dir else folder / "profiles"
     if options.profile_dir is None:
         calibration["wall_seconds"] = _calibrate(options, device, dtype, profile_dir)
 
