@@ -34,7 +34,7 @@ class TimingOptions:
     """How long to time each point: `seconds_per_point` of interleaved rounds, clipped to `[min, max]` rounds."""
 
     seconds_per_point: float = 1.0
-    min_repeats: int = 5
+    min_repeats: int = 3
     max_repeats: int = 50
     slow_factor: float = 8.0
 

@@ -97,34 +97,38 @@ def _time_contenders(
     calls: dict[str, Callable[[], object]],
     device: torch.device,
     timing: TimingOptions,
-    min_repeats: int,
 ) -> tuple[dict[str, ContenderRun], str | None]:
-    """Warm-up, peak memory and interleaved rounds of `calls`, switching the model's experts implementation before
-    each call. A contender whose warm-up is `slow_factor` times the fastest one's is reported, not timed further.
+    """Warm-up, a probe call, peak memory and interleaved rounds of `calls`, switching the model's experts
+    implementation before each call. A contender whose probe takes `slow_factor` times the fastest probe is reported
+    with that one timing, not timed further.
 
     Returns:
         The runs, and the backend `auto` chose most often during its warm-up.
     """
     runs: dict[str, ContenderRun] = {}
-    warm_ms: dict[str, float] = {}
+    probe_ms: dict[str, float] = {}
     auto_backend = None
-    for name, call in calls.items():
+    for name, call in calls.items():  # the first call of each pays one-off costs; the probe does not
         model.set_experts_implementation(name)
         with record_decisions() as decisions:
-            warm_ms[name] = timed_call_ms(call, device)
+            call()
         if name == AUTO and decisions:
             auto_backend = Counter(d.backend for d in decisions).most_common(1)[0][0]
-    fastest = min(warm_ms.values())
+    for name, call in calls.items():
+        model.set_experts_implementation(name)
+        probe_ms[name] = timed_call_ms(call, device)
+    fastest = min(probe_ms.values())
     timed = {}
     for name, call in calls.items():
-        if name != AUTO and warm_ms[name] >= timing.slow_factor * fastest:
-            note = f"warm-up {warm_ms[name]:.4g} ms, {warm_ms[name] / fastest:.1f}x the fastest; not timed further"
+        if name != AUTO and probe_ms[name] >= timing.slow_factor * fastest:
+            note = f"one call {probe_ms[name]:.4g} ms, {probe_ms[name] / fastest:.1f}x the fastest; not timed further"
             runs[name] = ContenderRun(status="slow", note=note)
             continue
         model.set_experts_implementation(name)
         runs[name] = ContenderRun(peak_bytes=peak_call_bytes(call, device))
         timed[name] = call
-    repeats = repeats_for(sum(warm_ms[n] for n in timed), timing.seconds_per_point, min_repeats, timing.max_repeats)
+    round_ms = sum(probe_ms[n] for n in timed)
+    repeats = repeats_for(round_ms, timing.seconds_per_point, timing.min_repeats, timing.max_repeats)
     for _ in range(repeats):
         for name, call in timed.items():  # interleaved: A B C D A B C D ...
             model.set_experts_implementation(name)
@@ -162,7 +166,7 @@ def run_forward_points(
             else:
                 calls[name] = lambda input_ids=input_ids: forward(input_ids=input_ids, use_cache=False).logits
         with torch.inference_mode():
-            timed_runs, auto_backend = _time_contenders(model, calls, device, timing, min_repeats=3)
+            timed_runs, auto_backend = _time_contenders(model, calls, device, timing)
         runs.update(timed_runs)
         results.append(PointResult(point.label, point.num_tokens, runs, auto_backend))
         advance()
@@ -233,7 +237,7 @@ def run_generation(
             calls[AUTO]()
         decisions.update(d.backend for d in recorded)
         timing = TimingOptions(seconds_per_point=0.0, min_repeats=rounds, max_repeats=rounds)
-        timed_runs, auto_backend = _time_contenders(model, calls, device, timing, min_repeats=rounds)
+        timed_runs, auto_backend = _time_contenders(model, calls, device, timing)
     runs.update(timed_runs)
     model.set_experts_implementation(AUTO)
     reference = outputs.get("eager")
