@@ -388,7 +388,7 @@ def find_profile(
                 StaleProfileWarning,
                 str(json_path),
                 f"autoexperts: skipping stale profile {json_path}: measured with {', '.join(stale)} "
-                f"({settings.STALE_PROFILES_ENV}=fallback); recalibrate to use this device's measurements again",
+                f"({settings.STALE_PROFILES_ENV}=fallback). Recalibrate with: {recalibrate_command(record)}",
             )
             continue
         try:
@@ -401,11 +401,18 @@ def find_profile(
                 StaleProfileWarning,
                 str(json_path),
                 f"autoexperts: profile {json_path} is stale: measured with {', '.join(stale)}; using it anyway "
-                f"({settings.STALE_PROFILES_ENV}=use). Recalibrate to refresh it, or set "
-                f"{settings.STALE_PROFILES_ENV}=fallback to skip stale profiles",
+                f"({settings.STALE_PROFILES_ENV}=use; set it to fallback to skip stale profiles). "
+                f"Recalibrate with: {recalibrate_command(record)}",
             )
         return profile
     return None
+
+
+def recalibrate_command(record: dict) -> str:
+    """The command that measures a profile like `record` again on this machine."""
+    model = (record.get("model") or {}).get("name") or "<model id or config folder>"
+    device = (record.get("device") or {}).get("type", "cpu")
+    return f"autoexperts calibrate --model {model} --device {device} --dtype {record.get('dtype', 'float32')}"
 
 
 def _skip(json_path: Path, reason: str) -> None:

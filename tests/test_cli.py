@@ -218,8 +218,10 @@ def test_show_marks_stale_profiles(calibrated, tmp_path, capsys):
 
 
 def test_ctrl_c_keeps_measured_points_and_resume_finishes(tmp_path):
+    # batched_mm alone: the quickest backend on CPU here, so the test spends its time on the interruption.
     tokens = "1,2,3,4,6,8,12,16,24,32"
-    args = ["calibrate", "--device", "cpu", "--out", str(tmp_path), "--tokens", tokens, "--no-progress"]
+    args = ["calibrate", "--device", "cpu", "--out", str(tmp_path), "--tokens", tokens, "--backends", "batched_mm"]
+    args.append("--no-progress")
     process = subprocess.Popen(
         _cli_command(*args, "--seconds-per-point", "0.1"), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
@@ -233,7 +235,7 @@ def test_ctrl_c_keeps_measured_points_and_resume_finishes(tmp_path):
     files = [p for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
     assert [p.suffix for p in files] == [".checkpoint"]  # no profile, no temporary file
     kept = json.loads(files[0].read_text())["measurements"]
-    assert 0 < len(kept) < 30  # some points, not all
+    assert 0 < len(kept) < 10  # some points, not all
 
     resumed = _cli(*args, "--seconds-per-point", "0.01", "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -245,9 +247,8 @@ def test_ctrl_c_keeps_measured_points_and_resume_finishes(tmp_path):
 
 
 def test_concurrent_calibrations_of_one_profile_all_finish(tmp_path):
-    command = _cli_command(
-        "calibrate", "--device", "cpu", "--out", str(tmp_path), "--tokens", "1,2", "--seconds-per-point", "0.01"
-    )
+    command = _cli_command("calibrate", "--device", "cpu", "--out", str(tmp_path), "--tokens", "1,2")
+    command += ["--backends", "batched_mm,eager", "--seconds-per-point", "0.01"]
     processes = [
         subprocess.Popen([*command, "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(3)

@@ -332,3 +332,16 @@ def test_concurrent_saves_leave_one_whole_profile(profile_dir):
         loaded = load_profile(next(profile_dir.rglob("*.json")))
     assert loaded.model_source == "joblib"
     assert loaded.measurements in [p.measurements for p in candidates]
+
+
+def test_interrupted_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    target = tmp_path / "profile.json"
+    target.write_bytes(b"old and whole")
+
+    def interrupted_fsync(_fd):
+        raise KeyboardInterrupt  # Ctrl-C after the new bytes went to the temporary file
+
+    monkeypatch.setattr(profiles.os, "fsync", interrupted_fsync)
+    with pytest.raises(KeyboardInterrupt):
+        profiles.atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old and whole" and [p.name for p in tmp_path.iterdir()] == ["profile.json"]
