@@ -12,9 +12,11 @@ is rebuilt without it) and a `BackendFailedWarning` is given once. The `try` cos
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import warnings
+from collections.abc import Callable
 
 import torch
 from transformers.integrations.moe import ExpertsInterface
@@ -51,28 +53,18 @@ class _LayerDispatch:
 
     def __init__(
         self,
-        spec: LayerSpec,
+        table: DecisionTable,
         experts_class: type,
-        candidates: list[str],
-        budget_bytes: float,
-        cost_model: CostModel | None = None,
-        profile_path: str | None = None,
+        profile_path: str | None,
+        rebuild: Callable[[set[str]], DecisionTable] | None = None,
     ):
-        self.spec = spec
+        self.table = table
         self.experts_class = experts_class
-        self.candidates = candidates
-        self.budget_bytes = budget_bytes
-        self.cost_model = cost_model
         self.profile_path = profile_path
-        self.failed: dict[str, str] = {}  # backend -> why it is no longer chosen
-        self.table = self._build_table()
         self.by_tokens: dict[int, tuple] = {}
-
-    def _build_table(self) -> DecisionTable:
-        candidates = [b for b in self.candidates if b not in self.failed] or [EAGER]
-        if self.cost_model is not None and any(b in self.cost_model.backends for b in candidates):
-            return build_profile_table(self.spec, self.cost_model, candidates, self.budget_bytes)
-        return build_fallback_table(self.spec, candidates, self.budget_bytes)
+        # Builds the table again without the given backends (after one raised at run time).
+        self.rebuild = rebuild
+        self.failed: dict[str, str] = {}  # backend -> why it is no longer chosen
 
     def decide(self, num_tokens: int) -> tuple:
         table, cache = self.table, self.by_tokens
@@ -102,7 +94,7 @@ class _LayerDispatch:
             for backend, p in decision.predicted.items()
             if p.feasible and p.peak_bytes <= decision.budget_bytes
         )
-        last_resort = [EAGER] if decision.backend != EAGER else self.candidates
+        last_resort = [EAGER] if decision.backend != EAGER else registered_backends()
         order = dict.fromkeys([b for _, b in fitting] + list(last_resort))
         return [b for b in order if b != decision.backend and b not in self.failed]
 
@@ -112,7 +104,8 @@ class _LayerDispatch:
             if backend in self.failed:
                 return False
             self.failed[backend] = reason
-            self.table = self._build_table()
+            if self.rebuild is not None:
+                self.table = self.rebuild(set(self.failed))
             self.by_tokens = {}
             return True
 
@@ -286,8 +279,10 @@ def _build_dispatch(
     stale_policy = settings.stale_profiles_policy()
     profile = profiles.find_profile(spec, name, compile_mode, profiles.search_dirs(), stale_policy=stale_policy)
     if profile is not None and any(b in profile.cost_model.backends for b in candidates):
+        table = build_profile_table(spec, profile.cost_model, candidates, budget)
         logger.info("auto: %s uses profile %s", spec.describe(), profile.json_path)
-        return _LayerDispatch(spec, experts_class, candidates, budget, profile.cost_model, str(profile.json_path))
+        rebuild = functools.partial(_table_without, spec, profile.cost_model, candidates, budget)
+        return _LayerDispatch(table, experts_class, str(profile.json_path), rebuild)
     if spec not in _warned_fallback:
         _warned_fallback.add(spec)
         message = (
@@ -299,7 +294,18 @@ def _build_dispatch(
         # A warning (shown by default, filterable) rather than a log record: the user can fix it by calibrating.
         warnings.warn(message, ProfileMissingWarning, stacklevel=2)
         logger.info("%s", message)
-    return _LayerDispatch(spec, experts_class, candidates, budget)
+    rebuild = functools.partial(_table_without, spec, None, candidates, budget)
+    return _LayerDispatch(build_fallback_table(spec, candidates, budget), experts_class, None, rebuild)
+
+
+def _table_without(
+    spec: LayerSpec, cost_model: CostModel | None, candidates: list[str], budget: float, excluded: set[str]
+) -> DecisionTable:
+    """The decision table of `spec` when the `excluded` backends may not run (eager always may)."""
+    left = [b for b in candidates if b not in excluded] or [EAGER]
+    if cost_model is not None and set(left) & set(cost_model.backends):
+        return build_profile_table(spec, cost_model, left, budget)
+    return build_fallback_table(spec, left, budget)
 
 
 def register() -> None:
