@@ -199,22 +199,27 @@ def _presets() -> int:
     return 0
 
 
-def _one_line_warnings() -> None:
-    """Shows autoexperts' own warnings as their one-line message (they name the file and the reason)."""
-    default = warnings.showwarning
+def _one_line_warnings(default_show):
+    """A `warnings.showwarning` that prints autoexperts' own warnings as their one-line message (they name the file
+    and the reason) and leaves the others to `default_show`."""
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, (ProfileWarning, BackendFailedWarning)):
             print(str(message), file=sys.stderr if file is None else file)
         else:
-            default(message, category, filename, lineno, file, line)
+            default_show(message, category, filename, lineno, file, line)
 
-    warnings.showwarning = show
+    return show
 
 
 def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():  # restores the caller's warning display on return
+        warnings.showwarning = _one_line_warnings(warnings.showwarning)
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _build_parser().parse_args(argv)
-    _one_line_warnings()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
