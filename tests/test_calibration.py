@@ -278,3 +278,20 @@ def test_without_resume_a_checkpoint_is_replaced(interrupted, monkeypatch):
     profile = calibrate(**CALIBRATION, out=out)
     assert set(seen) == {1, 2, 4, 8} and profile.metadata["sweep"]["resumed_points"] == 0
     assert not error.checkpoint.exists()
+
+
+def test_crash_mid_sweep_keeps_the_checkpoint(tmp_path, monkeypatch):
+    from autoexperts.calibration import sweep
+    from autoexperts.calibration.run import calibrate
+
+    real_inputs = sweep.routed_inputs
+
+    def crash_at_4(spec, num_tokens, *args, **kwargs):
+        if num_tokens == 4:
+            raise RuntimeError("device lost")  # a crash outside any backend call
+        return real_inputs(spec, num_tokens, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "routed_inputs", crash_at_4)
+    with pytest.raises(RuntimeError, match="device lost"):
+        calibrate(**CALIBRATION, out=tmp_path)
+    assert [name.rsplit(".", 1)[-1] for name in _files(tmp_path)] == ["checkpoint"]
