@@ -9,6 +9,13 @@ import logging
 from . import settings as _settings
 from .decisions import Decision, HookHandle, add_dispatch_hook, record_decisions
 from .dispatch import ProfileMissingWarning, auto_experts_forward, register, reset, set_memory_budget
+from .errors import (
+    BackendFailedWarning,
+    ProfileRefitWarning,
+    ProfileSkippedWarning,
+    ProfileWarning,
+    StaleProfileWarning,
+)
 from .layer import DEFAULT_BACKENDS, LayerSpec
 from .table import Prediction
 
@@ -16,11 +23,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_BACKENDS",
+    "BackendFailedWarning",
     "Decision",
     "HookHandle",
     "LayerSpec",
     "Prediction",
     "ProfileMissingWarning",
+    "ProfileRefitWarning",
+    "ProfileSkippedWarning",
+    "ProfileWarning",
+    "StaleProfileWarning",
     "__version__",
     "add_dispatch_hook",
     "auto_experts_forward",

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from transformers.utils import logging as transformers_logging
 
 from . import settings
-from .errors import UsageError
+from .errors import BackendFailedWarning, CalibrationInterrupted, ProfileWarning, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--seconds-per-point", type=_positive_float, default=0.6, help="timing budget per token count"
     )
     calibrate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    calibrate.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the points an interrupted calibration of the same layer measured (its checkpoint) and go on",
+    )
 
     show = commands.add_parser("show", help="print a profile's decision table")
     show.add_argument("profile", nargs="?", help="a profile .json (default: every profile auto would read)")
@@ -134,12 +141,23 @@ def _add_bench_parser(commands) -> None:
 
 
 def _check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".autoexperts-write-test-"):
-            pass
-    except OSError as error:
-        raise UsageError(f"cannot write profiles to {folder}: {error.strerror or error}") from error
+    """Fails early when profiles cannot be written under `folder`, without creating anything there."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    reason = None
+    if not existing.is_dir():
+        reason = f"{existing} is not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        reason = f"{existing} is not writable"
+    elif existing == folder:
+        try:  # access() can be wrong (read-only mounts for root, network file systems): try a file
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".autoexperts-write-test-"):
+                pass
+        except OSError as error:
+            reason = error.strerror or str(error)
+    if reason is not None:
+        raise UsageError(f"cannot write profiles to {folder}: {reason}")
 
 
 def _budget(setting: tuple[str, float] | None, device_type: str) -> tuple[float, str]:
@@ -179,6 +197,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         progress=not args.no_progress,
         seconds_per_point=args.seconds_per_point,
+        resume=args.resume,
     )
     budget, label = _budget(None, profile.spec.device_type)
     print(describe_profile(profile, budget, label))
@@ -256,7 +275,26 @@ def _presets() -> int:
     return 0
 
 
+def _one_line_warnings(default_show):
+    """A `warnings.showwarning` that prints autoexperts' own warnings as their one-line message (they name the file
+    and the reason) and leaves the others to `default_show`."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, (ProfileWarning, BackendFailedWarning)):
+            print(str(message), file=sys.stderr if file is None else file)
+        else:
+            default_show(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():  # restores the caller's warning display on return
+        warnings.showwarning = _one_line_warnings(warnings.showwarning)
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
@@ -277,6 +315,16 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"autoexperts: error: {error}", file=sys.stderr)
         return 2
+    except CalibrationInterrupted as interrupt:
+        if interrupt.checkpoint is None:
+            print("autoexperts: interrupted before the first point was measured; nothing was written", file=sys.stderr)
+        else:
+            print(
+                f"autoexperts: interrupted; the {interrupt.points} points measured so far are kept in "
+                f"{interrupt.checkpoint}: run the same command with --resume to go on",
+                file=sys.stderr,
+            )
+        return 130
     except KeyboardInterrupt:
         print("autoexperts: interrupted; nothing partial was written", file=sys.stderr)
         return 130

@@ -43,6 +43,21 @@ def driver_version(device: torch.device) -> str | None:
     return None
 
 
+def gpu_driver_version(device_type: str) -> str | None:
+    """The NVIDIA kernel driver's version (`"550.54.15"`) for CUDA devices on Linux, else `None`.
+
+    Read from `/proc/driver/nvidia/version`, so no NVML binding is needed; a driver update can move the crossovers.
+    """
+    if device_type != "cuda":
+        return None
+    try:
+        with open("/proc/driver/nvidia/version", encoding="utf-8") as version_file:
+            match = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9][0-9.]*)", version_file.readline())
+    except OSError:
+        return None
+    return match.group(1) if match else None
+
+
 def free_memory_bytes(device: torch.device) -> int:
     """The memory the device has free now: the CUDA driver's view, or the host's available memory on CPU."""
     if device.type == "cuda":

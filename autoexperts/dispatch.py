@@ -3,22 +3,31 @@
 The first call on a layer (per dtype, device and top_k) finds its profile and builds its decision table; tables are
 shared by all layers of the same spec. Every later call is a dict lookup on the token count, a walk over the
 registered hooks (if any), and a call of Transformers' own backend function.
+
+Faults: when the chosen backend raises, the same call runs on the next candidate (the others predicted to fit the
+budget, fastest first, then eager); once one succeeds, the failing backend is excluded for that layer spec (its table
+is rebuilt without it) and a `BackendFailedWarning` is given once. The `try` costs nothing while nothing raises.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import threading
 import warnings
+from collections.abc import Callable
 
 import torch
 from transformers.integrations.moe import ExpertsInterface
 
 from . import profile as profiles
 from . import settings
+from .cost_model import CostModel
 from .decisions import Decision, active_hooks
 from .device import device_name, free_memory_bytes
-from .layer import AUTO, LayerSpec, backend_forward, registered_backends
+from .errors import BackendFailedWarning, ProfileWarning
+from .layer import AUTO, EAGER, LayerSpec, backend_forward, registered_backends
 from .table import DecisionTable, build_fallback_table, build_profile_table
 
 logger = logging.getLogger(__name__)
@@ -36,32 +45,69 @@ _epoch = [0]
 
 
 class _LayerDispatch:
-    """One layer spec's decision table and its per-token-count cache of `(backend function, Decision)`."""
+    """One layer spec's decision table and its per-token-count cache of `(backend function, Decision)`.
 
-    def __init__(self, table: DecisionTable, experts_class: type, profile_path: str | None):
+    Thread-safe: the cache and the table are replaced whole (never half-updated) under the module lock, and a
+    reader works from the objects it read first.
+    """
+
+    def __init__(
+        self,
+        table: DecisionTable,
+        experts_class: type,
+        profile_path: str | None,
+        rebuild: Callable[[set[str]], DecisionTable] | None = None,
+    ):
         self.table = table
         self.experts_class = experts_class
         self.profile_path = profile_path
         self.by_tokens: dict[int, tuple] = {}
+        # Builds the table again without the given backends (after one raised at run time).
+        self.rebuild = rebuild
+        self.failed: dict[str, str] = {}  # backend -> why it is no longer chosen
 
     def decide(self, num_tokens: int) -> tuple:
-        region = self.table.region_for(num_tokens)
+        table, cache = self.table, self.by_tokens
+        region = table.region_for(num_tokens)
         decision = Decision(
             backend=region.backend,
             num_tokens=num_tokens,
             source=region.source,
-            layer=self.table.spec,
-            predicted=self.table.predictions(num_tokens),
-            budget_bytes=self.table.budget_bytes,
+            layer=table.spec,
+            predicted=table.predictions(num_tokens),
+            budget_bytes=table.budget_bytes,
             profile=self.profile_path,
         )
         entry = (backend_forward(region.backend, self.experts_class), decision)
         with _lock:
-            if num_tokens not in self.by_tokens:
-                if len(self.by_tokens) < _MAX_CACHED_TOKEN_COUNTS:
-                    self.by_tokens[num_tokens] = entry
+            if num_tokens not in cache:
+                if len(cache) < _MAX_CACHED_TOKEN_COUNTS:
+                    cache[num_tokens] = entry
                 logger.debug("%s", decision.summary())
         return entry
+
+    def replacements(self, decision: Decision) -> list[str]:
+        """The backends to try when `decision.backend` raised, best first: the others predicted to fit the budget,
+        fastest first, then eager (the module's own forward; after eager itself, the other candidates)."""
+        fitting = sorted(
+            (p.latency_ms, backend)
+            for backend, p in decision.predicted.items()
+            if p.feasible and p.peak_bytes <= decision.budget_bytes
+        )
+        last_resort = [EAGER] if decision.backend != EAGER else registered_backends()
+        order = dict.fromkeys([b for _, b in fitting] + list(last_resort))
+        return [b for b in order if b != decision.backend and b not in self.failed]
+
+    def exclude(self, backend: str, reason: str) -> bool:
+        """Stops choosing `backend` for this layer spec; returns whether it was still chosen until now."""
+        with _lock:
+            if backend in self.failed:
+                return False
+            self.failed[backend] = reason
+            if self.rebuild is not None:
+                self.table = self.rebuild(set(self.failed))
+            self.by_tokens = {}
+            return True
 
 
 class _ModuleState:
@@ -96,7 +142,63 @@ def auto_experts_forward(
     if hooks:
         for hook in hooks:
             hook(decision)
-    return backend(self, hidden_states, top_k_index, top_k_weights)
+    try:
+        return backend(self, hidden_states, top_k_index, top_k_weights)
+    except Exception as error:  # costs nothing until a backend raises
+        failure = f"{type(error).__name__}: {_first_line(error)}"
+    # Outside the `except` block, so the failed call's tensors (held by the traceback) are already freed.
+    return _run_in_place_of(self, decision, failure, hidden_states, top_k_index, top_k_weights)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _run_in_place_of(
+    module: torch.nn.Module,
+    decision: Decision,
+    failure: str,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Runs the next candidate after `decision.backend` raised (see `_LayerDispatch.replacements`).
+
+    The failing backend is excluded for the layer spec only once another backend ran the same call: when every
+    replacement fails too, the input itself is at fault and the last replacement's error propagates.
+    """
+    state = module.__dict__.get(_STATE_ATTR)
+    key = (hidden_states.dtype, hidden_states.device, top_k_index.shape[-1])
+    dispatch = state.dispatch.get(key) if state is not None else None
+    if dispatch is None:  # tables were reset since the lookup
+        dispatch = _layer_dispatch(module, hidden_states.device, top_k_index.shape[-1])
+    replacements = dispatch.replacements(decision)
+    if not replacements:
+        raise RuntimeError(f"experts backend {decision.backend} failed ({failure}) and no other backend is left")
+    for index, name in enumerate(replacements):
+        forward = backend_forward(name, dispatch.experts_class)
+        if index == len(replacements) - 1:  # the last resort: its own error, if any, is the one to see
+            output = forward(module, hidden_states, top_k_index, top_k_weights)
+        else:
+            try:
+                output = forward(module, hidden_states, top_k_index, top_k_weights)
+            except Exception as error:
+                logger.debug("replacement %s failed too: %s: %s", name, type(error).__name__, _first_line(error))
+                continue
+        if dispatch.exclude(decision.backend, failure):
+            message = (
+                f"autoexperts: backend {decision.backend} raised for {decision.layer.describe()} at "
+                f"{decision.num_tokens} tokens ({failure}); {name} ran in its place, and {decision.backend} is no "
+                "longer chosen for this layer shape"
+            )
+            warnings.warn(message, BackendFailedWarning, stacklevel=3)
+            logger.warning("%s", message)
+        replacement = dataclasses.replace(decision, backend=name, source="runtime_fallback")
+        for hook in active_hooks():
+            hook(replacement)
+        return output
+    raise AssertionError("unreachable")  # the last replacement either returned or raised
 
 
 def dispatch_entry(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> tuple:
@@ -148,10 +250,11 @@ def reset() -> None:
     with _lock:
         _tables.clear()
         _warned_fallback.clear()
+        profiles.forget_warnings()
         _epoch[0] += 1
 
 
-class ProfileMissingWarning(UserWarning):
+class ProfileMissingWarning(ProfileWarning):
     """No calibrated profile matches a layer; `auto` uses the fallback rule until one is calibrated."""
 
 
@@ -173,11 +276,13 @@ def _build_dispatch(
     budget = memory_budget_bytes(device)
     candidates = registered_backends()
     name = device_name(device)
-    profile = profiles.find_profile(spec, name, compile_mode, profiles.search_dirs())
-    if profile is not None:
+    stale_policy = settings.stale_profiles_policy()
+    profile = profiles.find_profile(spec, name, compile_mode, profiles.search_dirs(), stale_policy=stale_policy)
+    if profile is not None and any(b in profile.cost_model.backends for b in candidates):
         table = build_profile_table(spec, profile.cost_model, candidates, budget)
         logger.info("auto: %s uses profile %s", spec.describe(), profile.json_path)
-        return _LayerDispatch(table, experts_class, str(profile.json_path))
+        rebuild = functools.partial(_table_without, spec, profile.cost_model, candidates, budget)
+        return _LayerDispatch(table, experts_class, str(profile.json_path), rebuild)
     if spec not in _warned_fallback:
         _warned_fallback.add(spec)
         message = (
@@ -189,7 +294,18 @@ def _build_dispatch(
         # A warning (shown by default, filterable) rather than a log record: the user can fix it by calibrating.
         warnings.warn(message, ProfileMissingWarning, stacklevel=2)
         logger.info("%s", message)
-    return _LayerDispatch(build_fallback_table(spec, candidates, budget), experts_class, None)
+    rebuild = functools.partial(_table_without, spec, None, candidates, budget)
+    return _LayerDispatch(build_fallback_table(spec, candidates, budget), experts_class, None, rebuild)
+
+
+def _table_without(
+    spec: LayerSpec, cost_model: CostModel | None, candidates: list[str], budget: float, excluded: set[str]
+) -> DecisionTable:
+    """The decision table of `spec` when the `excluded` backends may not run (eager always may)."""
+    left = [b for b in candidates if b not in excluded] or [EAGER]
+    if cost_model is not None and set(left) & set(cost_model.backends):
+        return build_profile_table(spec, cost_model, left, budget)
+    return build_fallback_table(spec, left, budget)
 
 
 def register() -> None:

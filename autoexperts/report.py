@@ -25,6 +25,14 @@ def profile_table(profile: Profile, budget_bytes: float) -> DecisionTable:
     return build_profile_table(profile.spec, profile.cost_model, registered_backends(), budget_bytes)
 
 
+def _model_source(source: str) -> str:
+    if source == "joblib":
+        return "fitted cost model from the .joblib"
+    if source.startswith("refit: "):
+        return f"refit from the JSON measurements ({source.removeprefix('refit: ')})"
+    return "fitted in this process"
+
+
 def describe_profile(profile: Profile, budget_bytes: float, budget_label: str) -> str:
     """The header, the decision table, and the predictions at every measured token count."""
     spec, meta = profile.spec, profile.metadata
@@ -41,8 +49,11 @@ def describe_profile(profile: Profile, budget_bytes: float, budget_label: str) -
         f"transformers {versions.get('transformers', '?')}"
         + (f", in {sweep['wall_seconds']:.1f} s" if "wall_seconds" in sweep else ""),
         f"budget    {format_bytes(budget_bytes)} ({budget_label})",
-        "",
+        f"model     {_model_source(profile.model_source)}",
     ]
+    if profile.stale:
+        lines.append(f"STALE     measured with {', '.join(profile.stale)}: recalibrate to refresh it")
+    lines.append("")
     table = profile_table(profile, budget_bytes)
     lines.append(f"{'tokens':<16}{'backend':<14}source")
     lines += [f"{_range(r.first, r.last):<16}{r.backend:<14}{r.source}" for r in table.regions]

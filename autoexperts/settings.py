@@ -7,6 +7,8 @@
 | `AUTOEXPERTS_MEMORY_BUDGET` | most transient memory one experts call may take: bytes (`8GiB`, `512MB`, |
 |                             | `1e9`) or a fraction of the device's free memory (`0.5`); default `0.8`  |
 | `AUTOEXPERTS_LOG`           | `1` prints each new dispatch decision once, on stderr                    |
+| `AUTOEXPERTS_STALE_PROFILES`| `use` (default): a profile measured with another torch, transformers or  |
+|                             | GPU driver is used, with a warning; `fallback`: it is skipped            |
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 PROFILE_DIR_ENV = "AUTOEXPERTS_PROFILE_DIR"
 MEMORY_BUDGET_ENV = "AUTOEXPERTS_MEMORY_BUDGET"
 LOG_ENV = "AUTOEXPERTS_LOG"
+STALE_PROFILES_ENV = "AUTOEXPERTS_STALE_PROFILES"
+STALE_POLICIES = ("use", "fallback")
 
 DEFAULT_MEMORY_BUDGET = "0.8"
 
@@ -101,3 +105,17 @@ def shipped_profile_dir() -> Path:
 def log_decisions_enabled() -> bool:
     """Whether `AUTOEXPERTS_LOG` asks for every new decision to be printed."""
     return os.environ.get(LOG_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def stale_profiles_policy() -> str:
+    """What `auto` does with a stale profile, per `AUTOEXPERTS_STALE_PROFILES`: `"use"` (default) or `"fallback"`.
+
+    Raises:
+        `ValueError`: naming the variable, when its value is neither.
+    """
+    value = os.environ.get(STALE_PROFILES_ENV, "").strip().lower() or STALE_POLICIES[0]
+    if value not in STALE_POLICIES:
+        raise ValueError(
+            f"{STALE_PROFILES_ENV}: {os.environ[STALE_PROFILES_ENV]!r} is not one of {', '.join(STALE_POLICIES)}"
+        )
+    return value

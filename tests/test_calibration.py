@@ -2,6 +2,7 @@
 
 import json
 import time
+import weakref
 
 import pytest
 import torch
@@ -107,7 +108,7 @@ def _wrap_backend(monkeypatch, name, wrapper):
     """Makes the sweep run `wrapper(real_forward, *args)` for backend `name`."""
     from autoexperts.calibration import sweep
 
-    real = sweep.backend_forward
+    real = sweep.backend_forward  # may already be wrapped for another backend
 
     def patched(backend, experts_class):
         forward = real(backend, experts_class)
@@ -117,20 +118,34 @@ def _wrap_backend(monkeypatch, name, wrapper):
 
 
 def test_sweep_records_failures_and_goes_on(monkeypatch, small_layer):
+    allocated = []  # weak references to what each failing call held when it ran out of memory
+
     def out_of_memory_from_4_tokens(forward, module, hidden_states, *rest):
         if hidden_states.shape[0] >= 4:
+            workspace = torch.ones(1 << 20)  # memory the failed call holds until its error is dropped
+            allocated.append(weakref.ref(workspace))
             raise RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")  # simulated OOM
         return forward(module, hidden_states, *rest)
 
+    def check_released(forward, module, hidden_states, *rest):
+        assert all(ref() is None for ref in allocated), "the failed call's memory is still held"
+        return forward(module, hidden_states, *rest)
+
     _wrap_backend(monkeypatch, "batched_mm", out_of_memory_from_4_tokens)
+    _wrap_backend(monkeypatch, "grouped_mm", check_released)
     layer = small_layer
     options = SweepOptions(
-        tokens=[1, 2, 4, 8], backends=["batched_mm", "grouped_mm"], seconds_per_point=0.01, progress=False
+        tokens=[1, 2, 4, 8],
+        backends=["batched_mm", "grouped_mm"],
+        seconds_per_point=0.01,
+        slow_factor=float("inf"),  # timing noise on a busy machine must not stop batched_mm first
+        progress=False,
     )
     results = {(m.backend, m.num_tokens): m for m in run_sweep(layer, torch.device("cpu"), torch.float32, options)}
     assert [results["batched_mm", n].status for n in (1, 2, 4, 8)] == ["ok", "ok", "oom", "skipped"]
     assert all(results["grouped_mm", n].status == "ok" for n in (1, 2, 4, 8))
     assert all(len(results["grouped_mm", n].times_ms) >= 3 for n in (1, 2, 4, 8))
+    assert len(allocated) == 1  # tried once at 4 tokens, infeasible from there on
 
 
 def test_sweep_skips_points_predicted_over_the_memory_limit(small_layer):
@@ -162,3 +177,121 @@ def test_sweep_stops_timing_a_backend_far_slower_than_the_fastest(monkeypatch, s
         (m.backend, m.num_tokens): m.status for m in run_sweep(layer, torch.device("cpu"), torch.float32, options)
     }
     assert [results["eager", n] for n in (1, 2, 4, 8)] == ["ok", "ok", "slow", "slow"]
+
+
+# Interrupted calibrations: the checkpoint and --resume.
+
+CALIBRATION = {
+    "model": "small-moe",
+    "device": "cpu",
+    "tokens": [1, 2, 4, 8],
+    "backends": ["eager", "grouped_mm"],
+    "progress": False,
+    "seconds_per_point": 0.01,
+}
+
+
+def _interrupt_at(monkeypatch, num_tokens):
+    """Makes grouped_mm raise KeyboardInterrupt (as Ctrl-C would) at `num_tokens`; returns the counts it ran."""
+    seen = []
+
+    def interrupt(forward, module, hidden_states, *rest):
+        seen.append(hidden_states.shape[0])
+        if hidden_states.shape[0] == num_tokens:
+            raise KeyboardInterrupt
+        return forward(module, hidden_states, *rest)
+
+    _wrap_backend(monkeypatch, "grouped_mm", interrupt)
+    return seen
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
+
+
+@pytest.fixture
+def interrupted(tmp_path, monkeypatch):
+    """A calibration interrupted at 4 tokens: (its error, its output folder)."""
+    from autoexperts.calibration.run import calibrate
+    from autoexperts.errors import CalibrationInterrupted
+
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 4)
+        with pytest.raises(CalibrationInterrupted) as caught:
+            calibrate(**CALIBRATION, out=tmp_path)
+    return caught.value, tmp_path
+
+
+def test_interrupted_calibration_keeps_its_points_and_nothing_half_written(interrupted):
+    error, out = interrupted
+    assert error.checkpoint is not None and error.points == 4  # 2 backends x token counts 1 and 2
+    assert _files(out) == [error.checkpoint.name]  # no profile, no temporary file
+    record = json.loads(error.checkpoint.read_text())
+    assert {(m["backend"], m["num_tokens"]) for m in record["measurements"]} == {
+        (b, n) for b in ("eager", "grouped_mm") for n in (1, 2)
+    }
+
+
+def test_resume_measures_only_the_rest(interrupted, monkeypatch):
+    from autoexperts.calibration.run import calibrate
+
+    error, out = interrupted
+    kept = json.loads(error.checkpoint.read_text())["measurements"]
+    seen = _interrupt_at(monkeypatch, -1)  # counts the token counts grouped_mm runs at; never interrupts
+    profile = calibrate(**CALIBRATION, out=out, resume=True)
+    assert set(seen) == {4, 8}  # 1 and 2 come from the checkpoint
+    assert not error.checkpoint.exists() and profile.metadata["sweep"]["resumed_points"] == 4
+    assert [m.to_json() for m in profile.measurements if m.num_tokens <= 2] == kept
+    assert {(m.num_tokens, m.status) for m in profile.measurements} == {(n, "ok") for n in (1, 2, 4, 8)}
+    assert _files(out) == sorted([profile.json_path.name, profile.json_path.with_suffix(".joblib").name])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"backends": ["grouped_mm"]}, "backends"),  # other backends than the checkpoint's
+        ({"seconds_per_point": 0.02, "checkpoint_torch": "0.0.1"}, "versions"),  # measured with another torch
+        ({"checkpoint_text": "{not json"}, "cannot resume"),  # a damaged checkpoint
+    ],
+)
+def test_resume_refuses_a_checkpoint_for_something_else(interrupted, change, message):
+    from autoexperts.calibration.run import calibrate
+
+    error, out = interrupted
+    change = dict(change)
+    if "checkpoint_torch" in change:
+        record = json.loads(error.checkpoint.read_text())
+        record["versions"]["torch"] = change.pop("checkpoint_torch")
+        error.checkpoint.write_text(json.dumps(record))
+    if "checkpoint_text" in change:
+        error.checkpoint.write_text(change.pop("checkpoint_text"))
+    with pytest.raises(UsageError, match=message):
+        calibrate(**{**CALIBRATION, **change}, out=out, resume=True)
+    assert error.checkpoint.exists()  # kept: the user decides
+
+
+def test_without_resume_a_checkpoint_is_replaced(interrupted, monkeypatch):
+    from autoexperts.calibration.run import calibrate
+
+    error, out = interrupted
+    seen = _interrupt_at(monkeypatch, -1)
+    profile = calibrate(**CALIBRATION, out=out)
+    assert set(seen) == {1, 2, 4, 8} and profile.metadata["sweep"]["resumed_points"] == 0
+    assert not error.checkpoint.exists()
+
+
+def test_crash_mid_sweep_keeps_the_checkpoint(tmp_path, monkeypatch):
+    from autoexperts.calibration import sweep
+    from autoexperts.calibration.run import calibrate
+
+    real_inputs = sweep.routed_inputs
+
+    def crash_at_4(spec, num_tokens, *args, **kwargs):
+        if num_tokens == 4:
+            raise RuntimeError("device lost")  # a crash outside any backend call
+        return real_inputs(spec, num_tokens, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "routed_inputs", crash_at_4)
+    with pytest.raises(RuntimeError, match="device lost"):
+        calibrate(**CALIBRATION, out=tmp_path)
+    assert [name.rsplit(".", 1)[-1] for name in _files(tmp_path)] == ["checkpoint"]

@@ -2,14 +2,19 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import warnings
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import autoexperts
+from autoexperts.errors import ProfileWarning
+from autoexperts.profile import load_profile
 from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.slow
@@ -17,13 +22,13 @@ pytestmark = pytest.mark.slow
 FAST_SWEEP = ["--tokens", "1,2,4,8,16,32", "--seconds-per-point", "0.02", "--no-progress"]
 
 
+def _cli_command(*args):
+    return [sys.executable, "-m", "autoexperts", *args]
+
+
 def _cli(*args, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "autoexperts", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=300,
+        _cli_command(*args), capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300
     )
 
 
@@ -83,6 +88,9 @@ def test_show_prints_the_decision_table(calibrated):
     result = _cli("show", str(profile))
     assert result.returncode == 0, result.stderr
     assert "Qwen3MoeExperts" in result.stdout and "1 – " in result.stdout and "∞" in result.stdout
+    # A path outside the trusted folders: its joblib is not unpickled, the cost model is refit from the JSON.
+    assert "refit from the JSON measurements (outside the trusted folders" in result.stdout
+    assert "STALE" not in result.stdout
     listed = _cli("show", env={"AUTOEXPERTS_PROFILE_DIR": str(out)})
     assert listed.returncode == 0 and str(profile) in listed.stdout
 
@@ -100,6 +108,10 @@ def test_presets_lists_every_preset():
         (["calibrate", "--model", "./no/such/folder"], "unknown model"),  # missing path
         (["calibrate", "--tokens", "1,x,4"], "not a comma-separated list"),  # malformed tokens
         (["calibrate", "--tokens", "0,4"], "positive"),  # non-positive tokens
+        (["calibrate", "--tokens=-3"], "positive"),  # negative tokens
+        (["calibrate", "--tokens", ","], "positive"),  # no tokens at all
+        (["calibrate", "--tokens", "2.5"], "not a comma-separated list"),  # not integers
+        (["calibrate", "--device", "tpu"], "unknown device"),  # unknown device
         (["calibrate", "--dtype", "float8"], "unknown dtype"),  # unknown dtype
         (["calibrate", "--backends", "eager,warp_drive"], "unknown backend"),  # unknown backend
         (["calibrate", "--seconds-per-point", "-1"], "positive"),  # bad timing budget
@@ -115,7 +127,7 @@ def test_bad_input_exits_2_with_one_line(args, message, tmp_path, capsys):
     assert status == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], err
-    assert not list(out.glob("**/*.json"))
+    assert not out.exists()  # nothing written, not even the folder
 
 
 def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
@@ -134,8 +146,9 @@ def test_uncached_hub_id_offline_is_a_usage_error(tmp_path):
 def test_cuda_without_cuda_is_a_usage_error(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    status, _, err = _main(["calibrate", "--device", "cuda", "--out", str(tmp_path)], capsys)
-    assert status == 2 and "no CUDA device" in err
+    status, _, err = _main(["calibrate", "--device", "cuda", "--out", str(tmp_path / "out")], capsys)
+    assert status == 2 and "no CUDA device" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_not_an_moe_model_is_a_usage_error(tmp_path, capsys):
@@ -144,11 +157,107 @@ def test_not_an_moe_model_is_a_usage_error(tmp_path, capsys):
     status, _, err = _main(["calibrate", "--model", str(tmp_path), "--out", str(tmp_path / "out"), *FAST_SWEEP], capsys)
     assert status == 2 and "no experts layer" in err
     assert len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("**/*.json"))
+    assert not (tmp_path / "out").exists()
 
 
-def test_unwritable_output_folder_is_a_usage_error(tmp_path, capsys):
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder")
-    status, _, err = _main(["calibrate", "--out", str(blocker / "profiles"), *FAST_SWEEP], capsys)
-    assert status == 2 and "cannot write profiles" in err
+@pytest.mark.parametrize(
+    "out",
+    [
+        "a-file/profiles",  # below a file
+        "a-file",  # a file itself
+        "read-only/profiles",  # below a folder without write permission
+    ],
+)
+def test_unwritable_output_folder_is_a_usage_error(out, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "read-only").mkdir(mode=0o500)
+    if out.startswith("read-only") and os.access(tmp_path / "read-only", os.W_OK):
+        pytest.skip("permissions are not enforced for this user (root)")
+    before = sorted(tmp_path.rglob("*"))
+    status, _, err = _main(["calibrate", "--out", str(tmp_path / out), *FAST_SWEEP], capsys)
+    assert status == 2 and "cannot write profiles" in err and len(err.strip().splitlines()) == 1
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def _checkpoint_of_default_preset(out):
+    """Where `calibrate --device cpu` of the default preset keeps its checkpoint under `out`."""
+    from autoexperts.calibration.checkpoint import checkpoint_path
+    from autoexperts.calibration.experts_layer import build_experts_layer
+    from autoexperts.calibration.model_source import resolve_model
+    from autoexperts.device import device_name
+    from autoexperts.profile import profile_path
+
+    spec = build_experts_layer(resolve_model(None).config, torch.device("meta"), torch.float32).spec
+    return checkpoint_path(profile_path(out, device_name(torch.device("cpu")), spec.file_stem("none")))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "cannot resume"),  # a damaged checkpoint
+        (json.dumps({"kind": "autoexperts-checkpoint", "version": 1, "measurements": []}), "measured with"),  # other
+    ],
+)
+def test_resume_from_a_foreign_checkpoint_is_a_usage_error(content, message, tmp_path, capsys):
+    checkpoint = _checkpoint_of_default_preset(tmp_path)
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_text(content)
+    status, _, err = _main(["calibrate", "--device", "cpu", "--out", str(tmp_path), "--resume", *FAST_SWEEP], capsys)
+    assert status == 2 and message in err and "--resume" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [checkpoint.name]
+
+
+def test_show_marks_stale_profiles(calibrated, tmp_path, capsys):
+    _, out, _ = calibrated
+    record = json.loads(next(out.glob("*/*.json")).read_text())
+    record["versions"]["torch"] = "1.0.0"
+    stale = tmp_path / "stale.json"
+    stale.write_text(json.dumps(record))
+    status, text, _ = _main(["show", str(stale)], capsys)
+    assert status == 0 and "STALE     measured with torch 1.0.0" in text
+
+
+def test_ctrl_c_keeps_measured_points_and_resume_finishes(tmp_path):
+    # batched_mm alone: the quickest backend on CPU here, so the test spends its time on the interruption.
+    tokens = "1,2,3,4,6,8,12,16,24,32"
+    args = ["calibrate", "--device", "cpu", "--out", str(tmp_path), "--tokens", tokens, "--backends", "batched_mm"]
+    args.append("--no-progress")
+    process = subprocess.Popen(
+        _cli_command(*args, "--seconds-per-point", "0.1"), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 240  # waits for the first checkpoint; not a timing assertion
+    while not list(tmp_path.glob("*/*.checkpoint")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "kept in" in err and "--resume" in err and "Traceback" not in err
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    assert [p.suffix for p in files] == [".checkpoint"]  # no profile, no temporary file
+    kept = json.loads(files[0].read_text())["measurements"]
+    assert 0 < len(kept) < 10  # some points, not all
+
+    resumed = _cli(*args, "--seconds-per-point", "0.01", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    profile = next(tmp_path.glob("*/*.json"))
+    record = json.loads(profile.read_text())
+    assert record["sweep"]["resumed_points"] == len(kept)
+    assert [m for m in record["measurements"] if m["num_tokens"] <= kept[-1]["num_tokens"]] == kept
+    assert not list(tmp_path.glob("*/*.checkpoint"))
+
+
+def test_concurrent_calibrations_of_one_profile_all_finish(tmp_path):
+    command = _cli_command("calibrate", "--device", "cpu", "--out", str(tmp_path), "--tokens", "1,2")
+    command += ["--backends", "batched_mm,eager", "--seconds-per-point", "0.01"]
+    processes = [
+        subprocess.Popen([*command, "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    results = [(p.communicate(timeout=300), p.returncode) for p in processes]
+    assert [code for _, code in results] == [0, 0, 0], [err for (_, err), _ in results]
+    files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
+    assert len(files) == 2 and files[0].endswith(".joblib") and files[1].endswith(".json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProfileWarning)
+        loaded = load_profile(next(tmp_path.glob("*/*.json")), trusted=True)
+    assert loaded.model_source == "joblib"

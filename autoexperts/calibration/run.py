@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
-import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-import sklearn
 import torch
-import transformers
 
-from .. import __version__
 from ..cost_model import CostModel
-from ..device import device_name, driver_version, free_memory_bytes
-from ..errors import UsageError
+from ..device import device_name, driver_version, free_memory_bytes, gpu_driver_version
+from ..errors import CalibrationInterrupted, UsageError
+from ..freshness import library_versions
 from ..layer import DEFAULT_BACKENDS, registered_backends
-from ..profile import Profile, default_write_dir, save_profile
+from ..profile import Profile, default_write_dir, profile_path, save_profile
+from .checkpoint import checkpoint_path, read_checkpoint, write_checkpoint
 from .experts_layer import build_experts_layer
 from .model_source import resolve_model
 from .sweep import SweepOptions, default_token_grid, run_sweep
@@ -29,17 +27,6 @@ logger = logging.getLogger(__name__)
 COMPILE_MODES = ("none",)
 # The share of the device's free memory (after the layer is built) that one sweep point may take.
 SWEEP_MEMORY_FRACTION = 0.7
-
-
-def library_versions() -> dict[str, str]:
-    return {
-        "autoexperts": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "scikit-learn": sklearn.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -75,6 +62,7 @@ def calibrate(
     top_k: int | None = None,
     progress: bool = True,
     seconds_per_point: float = 0.6,
+    resume: bool = False,
 ) -> Profile:
     """Calibrates one model's experts layer on a device and saves the profile.
 
@@ -88,9 +76,18 @@ def calibrate(
         top_k (`int`, *optional*): experts per token, when the config does not say.
         progress (`bool`): show a progress bar.
         seconds_per_point (`float`): timing budget per token count (at least 3 timed calls per backend).
+        resume (`bool`): keep the points of an interrupted calibration of the same layer, device, dtype, backends
+            and library versions (its checkpoint beside the profile) and measure only the rest.
+
+    The points measured so far are checkpointed after every token count; the checkpoint is removed once the
+    profile is saved.
 
     Returns:
         `Profile`: the saved profile (`profile.json_path` says where).
+
+    Raises:
+        `UsageError`: on bad input, or a checkpoint to resume from that was measured for something else.
+        `CalibrationInterrupted`: on Ctrl-C, naming the checkpoint that keeps the points measured so far.
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype or ("bfloat16" if torch_device.type == "cuda" else "float32"))
@@ -105,41 +102,81 @@ def calibrate(
 
     started = time.perf_counter()
     layer = build_experts_layer(source.config, torch_device, torch_dtype, top_k=top_k)
+    name = device_name(torch_device)
+    checkpoint = checkpoint_path(profile_path(folder, name, layer.spec.file_stem("none")))
+    # What the checkpoint's points were measured for: resuming needs all of it to match.
+    header = {
+        "layer": dataclasses.asdict(layer.spec),
+        "device": name,
+        "compile_mode": "none",
+        "backends": sorted(backends),
+        "versions": {k: v for k, v in library_versions().items() if k in ("torch", "transformers")},
+    }
+    done = [m for m in read_checkpoint(checkpoint, header) if m.num_tokens in tokens] if resume else []
+    if done:
+        logger.info("resuming from %s: %d points already measured", checkpoint, len(done))
+    elif not resume and checkpoint.is_file():
+        logger.info("starting afresh: the checkpoint %s will be replaced (use --resume to keep it)", checkpoint)
+    points = [len(done)]
+
+    def save_checkpoint(measured: list) -> None:
+        write_checkpoint(checkpoint, header, measured)
+        points[0] = len(measured)
+
     options = SweepOptions(
         tokens=tokens,
         backends=list(backends),
         memory_limit_bytes=SWEEP_MEMORY_FRACTION * free_memory_bytes(torch_device),
         seconds_per_point=seconds_per_point,
         progress=progress,
+        done=done,
+        on_point=save_checkpoint,
     )
-    measurements = run_sweep(layer, torch_device, torch_dtype, options)
+    try:  # until the profile is saved, an interruption or a crash leaves the checkpoint to resume from
+        measurements = run_sweep(layer, torch_device, torch_dtype, options)
+        profile = _profile(layer, source, name, torch_device, measurements, options, time.perf_counter() - started)
+        save_profile(profile, folder)
+    except KeyboardInterrupt as interrupt:
+        kept = checkpoint if checkpoint.is_file() else None
+        raise CalibrationInterrupted(kept, points[0] if kept else 0) from interrupt
+    except Exception:
+        if checkpoint.is_file():
+            logger.warning("calibration failed; the points measured so far are kept in %s (resume=True)", checkpoint)
+        raise
+    checkpoint.unlink(missing_ok=True)
+    logger.info("calibration of %s took %.1f s", layer.spec.describe(), profile.metadata["sweep"]["wall_seconds"])
+    return profile
+
+
+def _profile(layer, source, name: str, torch_device: torch.device, measurements, options, elapsed: float) -> Profile:
+    """The profile of a finished sweep: measurements, the fitted cost model and what they were measured with."""
     cost_model = CostModel.fit(measurements)
     if not cost_model.backends:
         raise RuntimeError("no backend ran successfully at any token count; nothing to save")
-    elapsed = time.perf_counter() - started
-
-    profile = Profile(
+    return Profile(
         spec=layer.spec,
-        device_name=device_name(torch_device),
+        device_name=name,
         compile_mode="none",
         measurements=measurements,
         metadata={
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": {"driver": driver_version(torch_device), "torch_threads": torch.get_num_threads()},
+            "device": {
+                "driver": driver_version(torch_device),
+                "gpu_driver": gpu_driver_version(torch_device.type),
+                "torch_threads": torch.get_num_threads(),
+            },
             "versions": library_versions(),
             "model": source.describe(),
             "experts": {"model_type": layer.model_type},
             "sweep": {
-                "tokens": tokens,
-                "backends": list(backends),
+                "tokens": list(options.tokens),
+                "backends": list(options.backends),
                 "routing": "uniform random, distinct experts per token",
-                "seconds_per_point": seconds_per_point,
+                "seconds_per_point": options.seconds_per_point,
                 "memory_limit_bytes": options.memory_limit_bytes,
                 "wall_seconds": round(elapsed, 2),
+                "resumed_points": len(options.done),
             },
         },
         cost_model=cost_model,
     )
-    save_profile(profile, folder)
-    logger.info("calibration of %s took %.1f s", layer.spec.describe(), elapsed)
-    return profile

@@ -55,6 +55,8 @@ class SweepOptions:
     progress: bool = True
     # Points already measured (e.g. from an earlier run); they are kept and not measured again.
     done: list[Measurement] = field(default_factory=list)
+    # Called with every point so far after each token count (the calibration's checkpoint).
+    on_point: Callable[[list[Measurement]], None] | None = None
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -184,5 +186,7 @@ def run_sweep(
                 logger.info("%s leaves the sweep after %d tokens: %s", backend, num_tokens, reason)
         del hidden_states, top_k_index, top_k_weights, inputs
         _release_memory(device)
+        if options.on_point is not None:
+            options.on_point(sorted(results, key=lambda m: (m.num_tokens, m.backend)))
     bar.close()
     return sorted(results, key=lambda m: (m.num_tokens, m.backend))

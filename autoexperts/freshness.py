@@ -1,0 +1,59 @@
+"""Whether a profile was measured with the software now running: the versions a profile records, and how they
+differ from the running ones (a "stale" profile).
+
+torch, transformers and the GPU driver change the kernels behind every backend, so their versions can move the
+crossovers; a profile records them and a difference is reported. Versions a profile does not record (older or
+hand-made profiles) are not held against it.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+import sklearn
+import torch
+import transformers
+
+from .device import gpu_driver_version
+
+# The versions compared for staleness, as recorded under the profile's "versions".
+STALENESS_LIBRARIES = ("torch", "transformers")
+
+
+def library_versions() -> dict[str, str]:
+    """The versions a new profile records."""
+    from . import __version__  # the package sets it after importing this module
+
+    return {
+        "autoexperts": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "scikit-learn": sklearn.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def stale_reasons(record: dict) -> list[str]:
+    """How the versions a profile's JSON record lists differ from the running ones (empty when none differ).
+
+    Args:
+        record (`dict`): a profile's JSON record (`versions`, `device.type`, `device.gpu_driver`).
+
+    Returns:
+        `list[str]`: one phrase per difference, such as `"torch 2.11.0 (running 2.14.1)"`.
+    """
+    recorded = record.get("versions") or {}
+    running = {"torch": torch.__version__, "transformers": transformers.__version__}
+    reasons = [
+        f"{name} {recorded[name]} (running {running[name]})"
+        for name in STALENESS_LIBRARIES
+        if recorded.get(name) and str(recorded[name]) != running[name]
+    ]
+    device = record.get("device") or {}
+    recorded_driver = device.get("gpu_driver")
+    running_driver = gpu_driver_version(device.get("type", ""))
+    if recorded_driver and running_driver and str(recorded_driver) != running_driver:
+        reasons.append(f"GPU driver {recorded_driver} (running {running_driver})")
+    return reasons
