@@ -8,7 +8,8 @@ smallest predicted memory runs (source `"over_budget"`).
 Without a profile, the fallback rule (source `"fallback"`):
 - on CUDA, `batched_mm` up to `FALLBACK_BATCHED_MAX_TOKENS` tokens when its weight copies
   (tokens × top_k × one expert's weights) fit the budget, `grouped_mm` beyond;
-- on CPU and other devices, `grouped_mm` (Transformers' default).
+- on CPU and other devices, `grouped_mm` (Transformers' default);
+- `batched_mm` for every count where `grouped_mm` cannot run (CUDA-graph compile modes on CUDA).
 """
 
 from __future__ import annotations
@@ -162,7 +163,8 @@ def build_profile_table(
 
 def build_fallback_table(spec: LayerSpec, candidates: list[str], budget_bytes: float) -> DecisionTable:
     """The documented rule used when no profile matches `spec` (see the module docstring)."""
-    default = GROUPED_MM if GROUPED_MM in candidates else candidates[0]
+    # grouped_mm is not a candidate under CUDA-graph compile modes on CUDA: batched_mm runs every count there.
+    default = next((b for b in (GROUPED_MM, BATCHED_MM) if b in candidates), candidates[0])
     if spec.device_type != "cuda" or BATCHED_MM not in candidates:
         return DecisionTable(spec, [Region(1, math.inf, default, "fallback")], budget_bytes)
     # batched_mm gathers one expert's weights per (token, top-k) slot.

@@ -15,6 +15,7 @@ import torch
 import transformers
 
 from .. import __version__
+from ..compile_mode import CALIBRATION_MODES, runnable_backends
 from ..cost_model import CostModel
 from ..device import device_name, driver_version, free_memory_bytes
 from ..errors import UsageError
@@ -26,7 +27,7 @@ from .sweep import SweepOptions, default_token_grid, run_sweep
 
 logger = logging.getLogger(__name__)
 
-COMPILE_MODES = ("none",)
+COMPILE_MODES = CALIBRATION_MODES
 # The share of the device's free memory (after the layer is built) that one sweep point may take.
 SWEEP_MEMORY_FRACTION = 0.7
 
@@ -70,11 +71,12 @@ def calibrate(
     device: str | None = None,
     dtype: str | None = None,
     tokens: Sequence[int] | None = None,
-    backends: Sequence[str] = DEFAULT_BACKENDS,
+    backends: Sequence[str] | None = None,
     out: str | Path | None = None,
     top_k: int | None = None,
     progress: bool = True,
     seconds_per_point: float = 0.6,
+    compile_mode: str = "none",
 ) -> Profile:
     """Calibrates one model's experts layer on a device and saves the profile.
 
@@ -83,20 +85,33 @@ def calibrate(
         device (`str`, *optional*): `"cpu"` or `"cuda"` (default: the GPU if there is one).
         dtype (`str`, *optional*): `float32`, `bfloat16` or `float16` (default: bfloat16 on CUDA, float32 elsewhere).
         tokens (`Sequence[int]`, *optional*): token counts to measure (default: `default_token_grid()`).
-        backends (`Sequence[str]`): backends to measure (default: eager, batched_mm, grouped_mm).
+        backends (`Sequence[str]`, *optional*): backends to measure (default: eager, batched_mm, grouped_mm, less
+            those that cannot run in `compile_mode`).
         out (`str` or `Path`, *optional*): profile folder (default: `AUTOEXPERTS_PROFILE_DIR` or the user cache).
         top_k (`int`, *optional*): experts per token, when the config does not say.
         progress (`bool`): show a progress bar.
         seconds_per_point (`float`): timing budget per token count (at least 3 timed calls per backend).
+        compile_mode (`str`): `"none"`, `"default"` or `"max-autotune-no-cudagraphs"`: the `torch.compile` mode the
+            backends are measured in (compiled with `dynamic=True, fullgraph=True`); the profile serves that mode.
 
     Returns:
         `Profile`: the saved profile (`profile.json_path` says where).
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype or ("bfloat16" if torch_device.type == "cuda" else "float32"))
+    if compile_mode not in COMPILE_MODES:
+        raise UsageError(f"unknown compile mode {compile_mode!r}: use {', '.join(COMPILE_MODES)}")
+    if backends is None:
+        backends = runnable_backends(list(DEFAULT_BACKENDS), compile_mode, torch_device.type)
     unknown = [b for b in backends if b not in registered_backends()]
     if unknown:
         raise UsageError(f"unknown backend(s) {', '.join(unknown)}; registered: {', '.join(registered_backends())}")
+    unrunnable = [b for b in backends if b not in runnable_backends(list(backends), compile_mode, torch_device.type)]
+    if unrunnable:
+        raise UsageError(
+            f"backend(s) {', '.join(unrunnable)} cannot run under torch.compile(fullgraph=True) in mode {compile_mode} "
+            f"on {torch_device.type}; auto never picks them there"
+        )
     tokens = sorted(set(tokens or default_token_grid()))
     if not tokens or tokens[0] < 1:
         raise UsageError("token counts must be positive integers")
@@ -111,6 +126,7 @@ def calibrate(
         memory_limit_bytes=SWEEP_MEMORY_FRACTION * free_memory_bytes(torch_device),
         seconds_per_point=seconds_per_point,
         progress=progress,
+        compile_mode=compile_mode,
     )
     measurements = run_sweep(layer, torch_device, torch_dtype, options)
     cost_model = CostModel.fit(measurements)
@@ -121,7 +137,7 @@ def calibrate(
     profile = Profile(
         spec=layer.spec,
         device_name=device_name(torch_device),
-        compile_mode="none",
+        compile_mode=compile_mode,
         measurements=measurements,
         metadata={
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -134,6 +150,9 @@ def calibrate(
                 "backends": list(backends),
                 "routing": "uniform random, distinct experts per token",
                 "seconds_per_point": seconds_per_point,
+                "compile": {"mode": compile_mode, "dynamic": True, "fullgraph": True}
+                if compile_mode != "none"
+                else None,
                 "memory_limit_bytes": options.memory_limit_bytes,
                 "wall_seconds": round(elapsed, 2),
             },
