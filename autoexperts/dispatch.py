@@ -301,5 +301,9 @@ def _warn_once(spec: LayerSpec, compile_mode: str, message: str) -> None:
 
 
 def register() -> None:
-    """Registers `"auto"` with Transformers' experts interface (idempotent)."""
+    """Registers `"auto"` with Transformers' experts interface (idempotent), and the FP8 experts interface's
+    rejecting `"auto"` (see `autoexperts.fp8`)."""
+    from . import fp8
+
     ExpertsInterface.register(AUTO, auto_experts_forward)
+    fp8.register()
