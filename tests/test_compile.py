@@ -208,7 +208,11 @@ def test_calibrate_in_a_compile_mode(profile_dir):
     assert profile.compile_mode == "default" and profile.json_path.name.endswith("-default.json")
     assert profile.metadata["sweep"]["compile"] == {"mode": "default", "dynamic": True, "fullgraph": True}
     assert set(profile.cost_model.backends) == {"batched_mm", "grouped_mm"}  # eager cannot run fullgraph
-    assert all(m.status == "ok" for m in profile.measurements)
+    # Every compiled call ran ("slow" only means timing stopped for a backend far behind the other).
+    assert {m.status for m in profile.measurements} <= {"ok", "slow"}
+    assert {(m.backend, m.num_tokens) for m in profile.measurements if m.status == "ok"} >= {
+        (backend, n) for backend in ("batched_mm", "grouped_mm") for n in (1, 2)
+    }
     # Dynamic shapes: per backend one graph for 1 token and one for all other counts, not one per count.
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2 * 2
 
