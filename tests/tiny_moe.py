@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 import pathlib
+import re
 
 import torch
 import transformers
@@ -50,6 +51,9 @@ SHRINK = {
     "n_shared_experts": 1,
     "num_shared_experts": 1,
     "depth": 1,
+    "text_hidden_size": 64,  # a vision tower's projection into the text model
+    "vocab_size_per_layer_input": 128,  # per-layer embeddings (Gemma 4)
+    "hidden_size_per_layer_input": 16,
 }
 LAYERS = 2
 MAX_LAYERS = 4
@@ -81,8 +85,8 @@ def _per_layer_lists(config: PretrainedConfig, fields: set[str]) -> dict[str, li
             value = getattr(config, name, None)
         except Exception:  # per-layer attributes that refuse global access
             continue
-        if isinstance(value, list) and layers and len(value) == layers and name != "mlp_only_layers":
-            found[name] = value
+        if isinstance(value, (list, tuple)) and layers and len(value) == layers and name != "mlp_only_layers":
+            found[name] = list(value)
     return found
 
 
@@ -97,7 +101,7 @@ def tiny_kwargs(config_class: type) -> dict:
         if isinstance(sub_class, type) and issubclass(sub_class, PretrainedConfig) and name in fields:
             kwargs[name] = tiny_kwargs(sub_class)
     if "num_hidden_layers" in fields:
-        default = config_class(**kwargs)
+        default = _construct(config_class, kwargs)
         lists = _per_layer_lists(default, fields)
         # First layer of each kind in every per-layer list, so that linear and full attention, dense and sparse
         # MLPs all stay represented.
@@ -129,9 +133,45 @@ def _fix_config(config: PretrainedConfig) -> None:
             _fix_config(sub_config)
 
 
+def _set_everywhere(kwargs: dict, name: str, value_of) -> bool:
+    """Sets `kwargs[name] = value_of(kwargs)` in `kwargs` and every nested sub-config's arguments that have `name`."""
+    changed = False
+    if name in kwargs:
+        kwargs[name] = value_of(kwargs)
+        changed = True
+    for value in kwargs.values():
+        if isinstance(value, dict):
+            changed |= _set_everywhere(value, name, value_of)
+    return changed
+
+
+def _adjust_to(error: Exception, kwargs: dict) -> bool:
+    """Adjusts `kwargs` to what a config's validation asked for; False when the message is not understood."""
+    message = str(error)
+    if "num_key_value_heads" in message and "num_attention_heads" in message:  # no grouped-query attention
+        return _set_everywhere(kwargs, "num_key_value_heads", lambda level: level.get("num_attention_heads", 4))
+    if match := re.search(r"Field '(\w+)'.*expected a list", message):  # e.g. one size per modality
+        return _set_everywhere(kwargs, match.group(1), lambda level: [SHRINK[match.group(1)]] * 2)
+    if match := re.search(r"supports `(\w+)=(\d+)` only", message):
+        return _set_everywhere(kwargs, match.group(1), lambda level: int(match.group(2)))
+    return False
+
+
+def _construct(config_class: type, kwargs: dict) -> PretrainedConfig:
+    """`config_class(**kwargs)`; a validation error may name what the architecture needs: `kwargs` is adjusted in
+    place and construction retried."""
+    for _ in range(3):
+        try:
+            return config_class(**kwargs)
+        except Exception as error:
+            if not _adjust_to(error, kwargs):
+                raise
+    return config_class(**kwargs)
+
+
 def tiny_config(model_type: str) -> PretrainedConfig:
     config_class = CONFIG_MAPPING[model_type]
-    config = config_class(**tiny_kwargs(config_class))
+    config = _construct(config_class, tiny_kwargs(config_class))
     _fix_config(config)
     return config
 
