@@ -13,6 +13,7 @@ from pathlib import Path
 from transformers.utils import logging as transformers_logging
 
 from . import settings
+from .compile_mode import CALIBRATION_MODES
 from .errors import BackendFailedWarning, CalibrationInterrupted, ProfileWarning, UsageError
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     calibrate.add_argument(
         "--seconds-per-point", type=_positive_float, default=0.6, help="timing budget per token count"
+    )
+    calibrate.add_argument(
+        "--compile",
+        dest="compile_mode",
+        choices=CALIBRATION_MODES,
+        default="none",
+        help="measure the backends under torch.compile in this mode (dynamic shapes, fullgraph); default: none",
     )
     calibrate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     calibrate.add_argument(
@@ -178,7 +186,6 @@ def _budget(setting: tuple[str, float] | None, device_type: str) -> tuple[float,
 
 def _calibrate(args: argparse.Namespace) -> int:
     from .calibration.run import calibrate, resolve_device
-    from .layer import DEFAULT_BACKENDS
     from .profile import default_write_dir
     from .report import describe_profile
 
@@ -192,12 +199,13 @@ def _calibrate(args: argparse.Namespace) -> int:
         device=str(device),
         dtype=args.dtype,
         tokens=args.tokens,
-        backends=args.backends or DEFAULT_BACKENDS,
+        backends=args.backends,
         out=out,
         top_k=args.top_k,
         progress=not args.no_progress,
         seconds_per_point=args.seconds_per_point,
         resume=args.resume,
+        compile_mode=args.compile_mode,
     )
     budget, label = _budget(None, profile.spec.device_type)
     print(describe_profile(profile, budget, label))

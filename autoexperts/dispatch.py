@@ -7,6 +7,12 @@ registered hooks (if any), and a call of Transformers' own backend function.
 Faults: when the chosen backend raises, the same call runs on the next candidate (the others predicted to fit the
 budget, fastest first, then eager); once one succeeds, the failing backend is excluded for that layer spec (its table
 is rebuilt without it) and a `BackendFailedWarning` is given once. The `try` costs nothing while nothing raises.
+
+Under `torch.compile` the table is fetched once per trace by a function Dynamo runs at trace time and treats as a
+constant (`torch.compiler.assume_constant_result`), and the traced code compares the token count with the region
+boundaries: with dynamic shapes each comparison becomes a guard, so there is one graph per decision region, not
+per token count. Hooks are not called from compiled code (a graph has no Python to call them per call); each table a
+trace uses is logged once instead.
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ from collections.abc import Callable
 import torch
 from transformers.integrations.moe import ExpertsInterface
 
+from . import compile_mode as modes
 from . import profile as profiles
 from . import settings
 from .cost_model import CostModel
 from .decisions import Decision, active_hooks
 from .device import device_name, free_memory_bytes
 from .errors import BackendFailedWarning, ProfileWarning
-from .layer import AUTO, EAGER, LayerSpec, backend_forward, registered_backends
+from .layer import AUTO, EAGER, LayerSpec, backend_forward, layout_flags, registered_backends
 from .table import DecisionTable, build_fallback_table, build_profile_table
 
 logger = logging.getLogger(__name__)
@@ -38,7 +45,7 @@ _MAX_CACHED_TOKEN_COUNTS = 1 << 16
 
 _lock = threading.RLock()
 _tables: dict[tuple, _LayerDispatch] = {}
-_warned_fallback: set[LayerSpec] = set()
+_warned_fallback: set[tuple[LayerSpec, str]] = set()
 _budget_override: tuple[str, float] | None = None
 # Bumped whenever tables must be rebuilt (new budget, new profiles); modules compare it on every call.
 _epoch = [0]
@@ -65,6 +72,8 @@ class _LayerDispatch:
         # Builds the table again without the given backends (after one raised at run time).
         self.rebuild = rebuild
         self.failed: dict[str, str] = {}  # backend -> why it is no longer chosen
+        # `((last token count, backend), ...)` handed to `torch.compile` traces, built on the first trace.
+        self.compiled_regions: tuple | None = None
 
     def decide(self, num_tokens: int) -> tuple:
         table, cache = self.table, self.by_tokens
@@ -137,6 +146,8 @@ def auto_experts_forward(
     Returns:
         `torch.Tensor`: `(num_tokens, hidden_dim)`, exactly the chosen backend's output.
     """
+    if torch.compiler.is_compiling():
+        return _traced_backend(self, hidden_states, top_k_index)(self, hidden_states, top_k_index, top_k_weights)
     backend, decision = dispatch_entry(self, hidden_states, top_k_index)
     hooks = active_hooks()
     if hooks:
@@ -215,8 +226,75 @@ def dispatch_entry(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_ind
 
 
 def current_compile_mode() -> str:
-    """The compile mode whose profiles apply to the running code (`"none"` outside `torch.compile`)."""
-    return "default" if torch.compiler.is_compiling() else "none"
+    """The compile mode whose profiles apply to the running code: `"none"` outside `torch.compile`, else the mode
+    being traced (see `autoexperts.compile_mode`)."""
+    return modes.traced_compile_mode()
+
+
+def _traced_backend(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor):
+    """The backend function for this call, as code `torch.compile` can trace without a graph break.
+
+    The region boundaries come back from `_compiled_regions` as constants; the token count is a `SymInt` under
+    dynamic shapes, so each comparison below becomes a guard and every decision region gets one graph.
+    """
+    down_proj = self.down_proj
+    regions = _compiled_regions(
+        type(self),
+        tuple(down_proj.shape),
+        hidden_states.dtype,
+        hidden_states.device,
+        *layout_flags(self),
+        top_k_index.shape[-1],
+        getattr(getattr(self, "config", None), "_name_or_path", "") or "",
+    )
+    num_tokens = hidden_states.shape[0]
+    backend = regions[-1][1]
+    for last, name in regions[:-1]:
+        if num_tokens <= last:
+            backend = name
+            break
+    return backend_forward(backend, type(self))
+
+
+@torch.compiler.assume_constant_result
+def _compiled_regions(
+    experts_class: type,
+    down_proj_shape: tuple,
+    dtype: torch.dtype,
+    device: torch.device,
+    is_transposed: bool,
+    has_gate: bool,
+    has_bias: bool,
+    has_post_expert_norm: bool,
+    top_k: int,
+    model_hint: str,
+) -> tuple:
+    """Runs at trace time (Dynamo calls it and keeps the result as a constant): `((last token count, backend), ...)`
+    of the layer's decision table for the compile mode being traced."""
+    spec = LayerSpec.from_parts(
+        experts_class, down_proj_shape, dtype, device, is_transposed, has_gate, has_bias, has_post_expert_norm, top_k
+    )
+    compile_mode = modes.traced_compile_mode()
+    if compile_mode == modes.NONE:  # called outside a trace (torch.compile is not tracing): the default mode's table
+        compile_mode = modes.DEFAULT
+    dispatch = _dispatch_for(spec, experts_class, torch.device(device), compile_mode, model_hint)
+    if dispatch.compiled_regions is None:
+        # Neighbouring regions of one backend (e.g. within and over the budget) need no guard between them.
+        merged: list[list] = []
+        for region in dispatch.table.regions:
+            if merged and merged[-1][1] == region.backend:
+                merged[-1][0] = region.last
+            else:
+                merged.append([region.last, region.backend])
+        dispatch.compiled_regions = tuple((last, backend) for last, backend in merged)
+        logger.debug(
+            "compiled (%s): %s: %s [%s]",
+            compile_mode,
+            spec.describe(),
+            ", ".join(f"up to {last:g} tokens -> {backend}" for last, backend in dispatch.compiled_regions),
+            dispatch.table.regions[0].source,
+        )
+    return dispatch.compiled_regions
 
 
 def memory_budget_bytes(device: torch.device, setting: tuple[str, float] | None = None) -> float:
@@ -259,14 +337,20 @@ class ProfileMissingWarning(ProfileWarning):
 
 
 def _layer_dispatch(module: torch.nn.Module, device: torch.device, top_k: int) -> _LayerDispatch:
-    spec = LayerSpec.of(module, top_k)
-    compile_mode = current_compile_mode()
+    model_hint = getattr(getattr(module, "config", None), "_name_or_path", "") or ""
+    return _dispatch_for(LayerSpec.of(module, top_k), type(module), device, modes.NONE, model_hint)
+
+
+def _dispatch_for(
+    spec: LayerSpec, experts_class: type, device: torch.device, compile_mode: str, model_hint: str
+) -> _LayerDispatch:
+    """The shared dispatch of `spec` on `device` in `compile_mode`, built on first use."""
     key = (spec, device, compile_mode)
     with _lock:
         dispatch = _tables.get(key)
         if dispatch is None:
-            model_hint = getattr(getattr(module, "config", None), "_name_or_path", "") or "<model id or config folder>"
-            dispatch = _tables[key] = _build_dispatch(spec, type(module), device, compile_mode, model_hint)
+            hint = model_hint or "<model id or config folder>"
+            dispatch = _tables[key] = _build_dispatch(spec, experts_class, device, compile_mode, hint)
         return dispatch
 
 
@@ -274,26 +358,33 @@ def _build_dispatch(
     spec: LayerSpec, experts_class: type, device: torch.device, compile_mode: str, model_hint: str
 ) -> _LayerDispatch:
     budget = memory_budget_bytes(device)
-    candidates = registered_backends()
+    candidates = modes.runnable_backends(registered_backends(), compile_mode, device.type)
     name = device_name(device)
     stale_policy = settings.stale_profiles_policy()
-    profile = profiles.find_profile(spec, name, compile_mode, profiles.search_dirs(), stale_policy=stale_policy)
-    if profile is not None and any(b in profile.cost_model.backends for b in candidates):
+    for profile_mode in modes.profile_modes(compile_mode):
+        profile = profiles.find_profile(spec, name, profile_mode, profiles.search_dirs(), stale_policy=stale_policy)
+        if profile is None or not set(candidates) & set(profile.cost_model.backends):
+            continue
         table = build_profile_table(spec, profile.cost_model, candidates, budget)
-        logger.info("auto: %s uses profile %s", spec.describe(), profile.json_path)
+        logger.info("auto: %s (compile mode %s) uses profile %s", spec.describe(), compile_mode, profile.json_path)
+        if profile_mode != compile_mode:
+            _warn_once(
+                spec,
+                compile_mode,
+                f"autoexperts: no profile for {spec.describe()} on {name} in compile mode {compile_mode}; using "
+                f"the one calibrated in mode {profile_mode} ({profile.json_path}) without "
+                f"{', '.join(sorted(set(registered_backends()) - set(candidates)))}. "
+                + _calibrate_hint(spec, device, compile_mode, model_hint),
+            )
         rebuild = functools.partial(_table_without, spec, profile.cost_model, candidates, budget)
         return _LayerDispatch(table, experts_class, str(profile.json_path), rebuild)
-    if spec not in _warned_fallback:
-        _warned_fallback.add(spec)
-        message = (
-            f"autoexperts: no profile for {spec.describe()} on {name} (compile mode {compile_mode}) in "
-            f"{', '.join(str(d) for d in profiles.search_dirs())}; using the fallback rule. "
-            f"Calibrate this device with: autoexperts calibrate --model {model_hint} "
-            f"--device {device.type} --dtype {spec.dtype}"
-        )
-        # A warning (shown by default, filterable) rather than a log record: the user can fix it by calibrating.
-        warnings.warn(message, ProfileMissingWarning, stacklevel=2)
-        logger.info("%s", message)
+    _warn_once(
+        spec,
+        compile_mode,
+        f"autoexperts: no profile for {spec.describe()} on {name} (compile mode {compile_mode}) in "
+        f"{', '.join(str(d) for d in profiles.search_dirs())}; using the fallback rule. "
+        + _calibrate_hint(spec, device, compile_mode, model_hint),
+    )
     rebuild = functools.partial(_table_without, spec, None, candidates, budget)
     return _LayerDispatch(build_fallback_table(spec, candidates, budget), experts_class, None, rebuild)
 
@@ -301,13 +392,34 @@ def _build_dispatch(
 def _table_without(
     spec: LayerSpec, cost_model: CostModel | None, candidates: list[str], budget: float, excluded: set[str]
 ) -> DecisionTable:
-    """The decision table of `spec` when the `excluded` backends may not run (eager always may)."""
+    """The decision table of `spec` when the `excluded` backends may not run (eager always may, outside compile)."""
     left = [b for b in candidates if b not in excluded] or [EAGER]
     if cost_model is not None and set(left) & set(cost_model.backends):
         return build_profile_table(spec, cost_model, left, budget)
     return build_fallback_table(spec, left, budget)
 
 
+def _calibrate_hint(spec: LayerSpec, device: torch.device, compile_mode: str, model_hint: str) -> str:
+    command = f"autoexperts calibrate --model {model_hint} --device {device.type} --dtype {spec.dtype}"
+    if compile_mode != modes.NONE:
+        mode = compile_mode if compile_mode in modes.CALIBRATION_MODES else modes.DEFAULT
+        command += f" --compile {mode}"
+    return f"Calibrate this device with: {command}"
+
+
+def _warn_once(spec: LayerSpec, compile_mode: str, message: str) -> None:
+    if (spec, compile_mode) in _warned_fallback:
+        return
+    _warned_fallback.add((spec, compile_mode))
+    # A warning (shown by default, filterable) rather than a log record: the user can fix it by calibrating.
+    warnings.warn(message, ProfileMissingWarning, stacklevel=3)
+    logger.info("%s", message)
+
+
 def register() -> None:
-    """Registers `"auto"` with Transformers' experts interface (idempotent)."""
+    """Registers `"auto"` with Transformers' experts interface (idempotent), and the FP8 experts interface's
+    rejecting `"auto"` (see `autoexperts.fp8`)."""
+    from . import fp8
+
     ExpertsInterface.register(AUTO, auto_experts_forward)
+    fp8.register()

@@ -52,6 +52,17 @@ def backend_forward(name: str, experts_class: type[torch.nn.Module]) -> ExpertsF
     return ALL_EXPERTS_FUNCTIONS[name]
 
 
+def layout_flags(module: torch.nn.Module) -> tuple[bool, bool, bool, bool]:
+    """`(is_transposed, has_gate, has_bias, has_post_expert_norm)` of an experts module (older Transformers versions
+    lack some flags; their defaults are the decorator's)."""
+    return (
+        bool(getattr(module, "is_transposed", False)),
+        bool(getattr(module, "has_gate", True)),
+        bool(getattr(module, "has_bias", False)),
+        bool(getattr(module, "has_post_expert_norm", False)),
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
     """The shape of an experts layer as far as backend costs go: a profile is valid for exactly one `LayerSpec`."""
@@ -71,22 +82,39 @@ class LayerSpec:
     @classmethod
     def of(cls, module: torch.nn.Module, top_k: int) -> LayerSpec:
         """Reads the spec off an experts module (its weights give the dimensions, whatever the attribute names)."""
-        down_proj = module.down_proj  # (num_experts, hidden_dim, intermediate_dim), or transposed
-        is_transposed = bool(getattr(module, "is_transposed", False))
-        num_experts, rows, cols = down_proj.shape
+        down_proj = module.down_proj
+        return cls.from_parts(
+            type(module), tuple(down_proj.shape), down_proj.dtype, down_proj.device, *layout_flags(module), top_k
+        )
+
+    @classmethod
+    def from_parts(
+        cls,
+        experts_class: type,
+        down_proj_shape: tuple[int, int, int],
+        dtype: torch.dtype,
+        device: torch.device,
+        is_transposed: bool,
+        has_gate: bool,
+        has_bias: bool,
+        has_post_expert_norm: bool,
+        top_k: int,
+    ) -> LayerSpec:
+        """The spec from plain values (what a `torch.compile` trace can hand over as constants)."""
+        num_experts, rows, cols = down_proj_shape  # (num_experts, hidden_dim, intermediate_dim), or transposed
         hidden_dim, intermediate_dim = (cols, rows) if is_transposed else (rows, cols)
         return cls(
-            experts_class=type(module).__name__,
+            experts_class=experts_class.__name__,
             num_experts=int(num_experts),
             hidden_dim=int(hidden_dim),
             intermediate_dim=int(intermediate_dim),
             top_k=int(top_k),
-            has_gate=bool(getattr(module, "has_gate", True)),
-            has_bias=bool(getattr(module, "has_bias", False)),
-            is_transposed=is_transposed,
-            has_post_expert_norm=bool(getattr(module, "has_post_expert_norm", False)),
-            dtype=str(down_proj.dtype).removeprefix("torch."),
-            device_type=down_proj.device.type,
+            has_gate=bool(has_gate),
+            has_bias=bool(has_bias),
+            is_transposed=bool(is_transposed),
+            has_post_expert_norm=bool(has_post_expert_norm),
+            dtype=str(dtype).removeprefix("torch."),
+            device_type=torch.device(device).type,
         )
 
     @property

@@ -8,7 +8,8 @@ smallest predicted memory runs (source `"over_budget"`).
 Without a profile, the fallback rule (source `"fallback"`):
 - on CUDA, `batched_mm` up to `FALLBACK_BATCHED_MAX_TOKENS` tokens when its weight copies
   (tokens × top_k × one expert's weights) fit the budget, `grouped_mm` beyond;
-- on CPU and other devices, `grouped_mm` (Transformers' default).
+- on CPU and other devices, `grouped_mm` (Transformers' default);
+- where `grouped_mm` may not run: `eager` (after a runtime fault), else `batched_mm` (CUDA-graph compile modes).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cost_model import CostModel
-from .layer import BATCHED_MM, GROUPED_MM, LayerSpec
+from .layer import BATCHED_MM, EAGER, GROUPED_MM, LayerSpec
 
 FALLBACK_BATCHED_MAX_TOKENS = 64
 # A backend stays chosen for larger token counts while its predicted latency is within this share of the fastest's.
@@ -162,7 +163,9 @@ def build_profile_table(
 
 def build_fallback_table(spec: LayerSpec, candidates: list[str], budget_bytes: float) -> DecisionTable:
     """The documented rule used when no profile matches `spec` (see the module docstring)."""
-    default = GROUPED_MM if GROUPED_MM in candidates else candidates[0]
+    # Without grouped_mm (excluded after a runtime fault), eager; under CUDA-graph compile modes, where neither may
+    # run, batched_mm takes every count.
+    default = next((b for b in (GROUPED_MM, EAGER, BATCHED_MM) if b in candidates), candidates[0])
     if spec.device_type != "cuda" or BATCHED_MM not in candidates:
         return DecisionTable(spec, [Region(1, math.inf, default, "fallback")], budget_bytes)
     # batched_mm gathers one expert's weights per (token, top-k) slot.

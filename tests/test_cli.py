@@ -115,6 +115,8 @@ def test_presets_lists_every_preset():
         (["calibrate", "--dtype", "float8"], "unknown dtype"),  # unknown dtype
         (["calibrate", "--backends", "eager,warp_drive"], "unknown backend"),  # unknown backend
         (["calibrate", "--seconds-per-point", "-1"], "positive"),  # bad timing budget
+        (["calibrate", "--compile", "reduce-overhead"], "invalid choice"),  # a compile mode calibrate does not sweep
+        (["calibrate", "--compile", "default", "--backends", "eager"], "cannot run under torch.compile"),  # eager
         (["show", "/no/such/profile.json"], "no profile at"),  # show a missing file
         (["show", "--budget", "lots"], "memory budget"),  # malformed budget
         (["frobnicate"], "invalid choice"),  # unknown command

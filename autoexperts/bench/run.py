@@ -25,9 +25,11 @@ from tqdm.auto import tqdm
 from .. import dispatch, settings
 from ..calibration.experts_layer import build_experts_layer
 from ..calibration.model_source import ModelSource, resolve_model
-from ..calibration.run import SWEEP_MEMORY_FRACTION, library_versions, resolve_device, resolve_dtype
+from ..calibration.run import SWEEP_MEMORY_FRACTION, resolve_device, resolve_dtype
+from ..compile_mode import CALIBRATION_MODES
 from ..device import _cpu_model_name, device_name, device_slug, free_memory_bytes
 from ..errors import UsageError
+from ..freshness import library_versions
 from ..profile import Profile, find_profile
 from ..report import profile_table
 from .analysis import sweep_summary
@@ -38,7 +40,7 @@ from .targets import evaluate_targets
 
 logger = logging.getLogger(__name__)
 
-COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs")
+COMPILE_MODES = CALIBRATION_MODES
 PARTS = ("sweep", "forward", "generate", "overhead")
 
 

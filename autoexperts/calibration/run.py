@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..compile_mode import CALIBRATION_MODES, runnable_backends
 from ..cost_model import CostModel
 from ..device import device_name, driver_version, free_memory_bytes, gpu_driver_version
 from ..errors import CalibrationInterrupted, UsageError
@@ -24,7 +25,7 @@ from .sweep import SweepOptions, default_token_grid, run_sweep
 
 logger = logging.getLogger(__name__)
 
-COMPILE_MODES = ("none",)
+COMPILE_MODES = CALIBRATION_MODES
 # The share of the device's free memory (after the layer is built) that one sweep point may take.
 SWEEP_MEMORY_FRACTION = 0.7
 
@@ -57,12 +58,13 @@ def calibrate(
     device: str | None = None,
     dtype: str | None = None,
     tokens: Sequence[int] | None = None,
-    backends: Sequence[str] = DEFAULT_BACKENDS,
+    backends: Sequence[str] | None = None,
     out: str | Path | None = None,
     top_k: int | None = None,
     progress: bool = True,
     seconds_per_point: float = 0.6,
     resume: bool = False,
+    compile_mode: str = "none",
 ) -> Profile:
     """Calibrates one model's experts layer on a device and saves the profile.
 
@@ -71,13 +73,16 @@ def calibrate(
         device (`str`, *optional*): `"cpu"` or `"cuda"` (default: the GPU if there is one).
         dtype (`str`, *optional*): `float32`, `bfloat16` or `float16` (default: bfloat16 on CUDA, float32 elsewhere).
         tokens (`Sequence[int]`, *optional*): token counts to measure (default: `default_token_grid()`).
-        backends (`Sequence[str]`): backends to measure (default: eager, batched_mm, grouped_mm).
+        backends (`Sequence[str]`, *optional*): backends to measure (default: eager, batched_mm, grouped_mm, less
+            those that cannot run in `compile_mode`).
         out (`str` or `Path`, *optional*): profile folder (default: `AUTOEXPERTS_PROFILE_DIR` or the user cache).
         top_k (`int`, *optional*): experts per token, when the config does not say.
         progress (`bool`): show a progress bar.
         seconds_per_point (`float`): timing budget per token count (at least 3 timed calls per backend).
         resume (`bool`): keep the points of an interrupted calibration of the same layer, device, dtype, backends
             and library versions (its checkpoint beside the profile) and measure only the rest.
+        compile_mode (`str`): `"none"`, `"default"` or `"max-autotune-no-cudagraphs"`: the `torch.compile` mode the
+            backends are measured in (compiled with `dynamic=True, fullgraph=True`); the profile serves that mode.
 
     The points measured so far are checkpointed after every token count; the checkpoint is removed once the
     profile is saved.
@@ -91,9 +96,19 @@ def calibrate(
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype or ("bfloat16" if torch_device.type == "cuda" else "float32"))
+    if compile_mode not in COMPILE_MODES:
+        raise UsageError(f"unknown compile mode {compile_mode!r}: use {', '.join(COMPILE_MODES)}")
+    if backends is None:
+        backends = runnable_backends(list(DEFAULT_BACKENDS), compile_mode, torch_device.type)
     unknown = [b for b in backends if b not in registered_backends()]
     if unknown:
         raise UsageError(f"unknown backend(s) {', '.join(unknown)}; registered: {', '.join(registered_backends())}")
+    unrunnable = [b for b in backends if b not in runnable_backends(list(backends), compile_mode, torch_device.type)]
+    if unrunnable:
+        raise UsageError(
+            f"backend(s) {', '.join(unrunnable)} cannot run under torch.compile(fullgraph=True) in mode {compile_mode} "
+            f"on {torch_device.type}; auto never picks them there"
+        )
     tokens = sorted(set(tokens or default_token_grid()))
     if not tokens or tokens[0] < 1:
         raise UsageError("token counts must be positive integers")
@@ -103,12 +118,12 @@ def calibrate(
     started = time.perf_counter()
     layer = build_experts_layer(source.config, torch_device, torch_dtype, top_k=top_k)
     name = device_name(torch_device)
-    checkpoint = checkpoint_path(profile_path(folder, name, layer.spec.file_stem("none")))
+    checkpoint = checkpoint_path(profile_path(folder, name, layer.spec.file_stem(compile_mode)))
     # What the checkpoint's points were measured for: resuming needs all of it to match.
     header = {
         "layer": dataclasses.asdict(layer.spec),
         "device": name,
-        "compile_mode": "none",
+        "compile_mode": compile_mode,
         "backends": sorted(backends),
         "versions": {k: v for k, v in library_versions().items() if k in ("torch", "transformers")},
     }
@@ -131,6 +146,7 @@ def calibrate(
         progress=progress,
         done=done,
         on_point=save_checkpoint,
+        compile_mode=compile_mode,
     )
     try:  # until the profile is saved, an interruption or a crash leaves the checkpoint to resume from
         measurements = run_sweep(layer, torch_device, torch_dtype, options)
@@ -156,7 +172,7 @@ def _profile(layer, source, name: str, torch_device: torch.device, measurements,
     return Profile(
         spec=layer.spec,
         device_name=name,
-        compile_mode="none",
+        compile_mode=options.compile_mode,
         measurements=measurements,
         metadata={
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -173,6 +189,9 @@ def _profile(layer, source, name: str, torch_device: torch.device, measurements,
                 "backends": list(options.backends),
                 "routing": "uniform random, distinct experts per token",
                 "seconds_per_point": options.seconds_per_point,
+                "compile": {"mode": options.compile_mode, "dynamic": True, "fullgraph": True}
+                if options.compile_mode != "none"
+                else None,
                 "memory_limit_bytes": options.memory_limit_bytes,
                 "wall_seconds": round(elapsed, 2),
                 "resumed_points": len(options.done),

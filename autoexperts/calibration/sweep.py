@@ -9,6 +9,11 @@ sweep when
 - its peak memory, extrapolated from its points so far, would exceed the sweep's memory limit: likewise `"skipped"`;
 - it was at least `slow_factor` times slower than the fastest backend at two consecutive token counts: its later
   points are `"slow"` (not measured, to save time), and the cost model extrapolates its latency.
+
+With a compile mode other than `"none"`, each backend runs as `torch.compile(fn, mode=..., dynamic=True,
+fullgraph=True)`: dynamic shapes compile one graph for all token counts above 1 (and one for 1), and the warm-up
+call at each count absorbs any (re)compilation. On CPU the peak memory is then the uncompiled backend's: the
+tracker cannot see inside compiled code (on CUDA the allocator's statistics see it).
 """
 
 from __future__ import annotations
@@ -57,6 +62,16 @@ class SweepOptions:
     done: list[Measurement] = field(default_factory=list)
     # Called with every point so far after each token count (the calibration's checkpoint).
     on_point: Callable[[list[Measurement]], None] | None = None
+    # "none", or a `torch.compile` mode the backends run under (see the module docstring).
+    compile_mode: str = "none"
+
+
+def sweep_callable(name: str, experts_class: type, compile_mode: str) -> Callable:
+    """Backend `name`'s function; compiled (dynamic shapes, `fullgraph=True`) unless `compile_mode` is `"none"`."""
+    function = backend_forward(name, experts_class)
+    if compile_mode == "none":
+        return function
+    return torch.compile(function, mode=compile_mode, dynamic=True, fullgraph=True)
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -85,6 +100,7 @@ def _predicted_peak(points: list[Measurement], num_tokens: int) -> float | None:
 
 def _measure_point(
     functions: dict[str, Callable],
+    memory_functions: dict[str, Callable],
     module: torch.nn.Module,
     inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     backends: list[str],
@@ -97,8 +113,8 @@ def _measure_point(
         Timings in ms and peak bytes of the backends that ran, and `(status, message)` of those that failed.
     """
 
-    def call_of(backend: str) -> Callable[[], torch.Tensor]:
-        return lambda: functions[backend](module, *inputs)
+    def call_of(backend: str, table: dict[str, Callable] = functions) -> Callable[[], torch.Tensor]:
+        return lambda: table[backend](module, *inputs)
 
     peaks: dict[str, int] = {}
     warm_ms: dict[str, float] = {}
@@ -107,7 +123,7 @@ def _measure_point(
         try:
             with torch.inference_mode():
                 warm_ms[backend] = timed_call_ms(call_of(backend), device)
-                peaks[backend] = peak_call_bytes(call_of(backend), device)
+                peaks[backend] = peak_call_bytes(call_of(backend, memory_functions), device)
         except Exception as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
             failures[backend] = (
@@ -131,7 +147,11 @@ def run_sweep(
 ) -> list[Measurement]:
     """Measures every backend at every token count (see the module docstring) and returns all points."""
     module, spec = layer.module, layer.spec
-    functions = {name: backend_forward(name, type(module)) for name in options.backends}
+    functions = {name: sweep_callable(name, type(module), options.compile_mode) for name in options.backends}
+    # Compiled code does not run under the CPU memory tracker's dispatch mode (Dynamo skips such frames).
+    memory_functions = functions
+    if device.type != "cuda" and options.compile_mode != "none":
+        memory_functions = {name: sweep_callable(name, type(module), "none") for name in options.backends}
     results: list[Measurement] = list(options.done)
     done = {(m.backend, m.num_tokens) for m in results}
     stopped: dict[str, tuple[str, str]] = {}  # backend -> (status of its later points, why it left the sweep)
@@ -165,7 +185,7 @@ def run_sweep(
             active.append(backend)
 
         inputs = (hidden_states, top_k_index, top_k_weights)
-        times, peaks, failures = _measure_point(functions, module, inputs, active, device, options)
+        times, peaks, failures = _measure_point(functions, memory_functions, module, inputs, active, device, options)
         for backend, (status, message) in failures.items():
             logger.info("%s failed at %d tokens (%s); it leaves the sweep", backend, num_tokens, message)
             results.append(Measurement(backend, num_tokens, status, error=message))
