@@ -271,6 +271,27 @@ def _compiled_regions(
 ) -> tuple:
     """Runs at trace time (Dynamo calls it and keeps the result as a constant): `((last token count, backend), ...)`
     of the layer's decision table for the compile mode being traced."""
+    return _regions_of(
+        experts_class, down_proj_shape, dtype, device, is_transposed, has_gate, has_bias, has_post_expert_norm, top_k,
+        model_hint,
+    )  # fmt: skip
+
+
+# Never traced: after a graph break elsewhere, Dynamo may meet `_compiled_regions` as a frame of its own and would
+# otherwise trace into the table building (locks, file reads, logging) instead of just running it.
+@torch.compiler.disable
+def _regions_of(
+    experts_class: type,
+    down_proj_shape: tuple,
+    dtype: torch.dtype,
+    device: torch.device,
+    is_transposed: bool,
+    has_gate: bool,
+    has_bias: bool,
+    has_post_expert_norm: bool,
+    top_k: int,
+    model_hint: str,
+) -> tuple:
     spec = LayerSpec.from_parts(
         experts_class, down_proj_shape, dtype, device, is_transposed, has_gate, has_bias, has_post_expert_norm, top_k
     )
@@ -334,6 +355,15 @@ def reset() -> None:
 
 class ProfileMissingWarning(ProfileWarning):
     """No calibrated profile matches a layer; `auto` uses the fallback rule until one is calibrated."""
+
+
+def decision_table(
+    module: torch.nn.Module, device: torch.device, top_k: int, compile_mode: str = modes.NONE
+) -> DecisionTable:
+    """The decision table `auto` uses for `module` on `device` in `compile_mode` (built on first use, then shared),
+    e.g. to see what compiled code chose, where no hook runs."""
+    model_hint = getattr(getattr(module, "config", None), "_name_or_path", "") or ""
+    return _dispatch_for(LayerSpec.of(module, top_k), type(module), device, compile_mode, model_hint).table
 
 
 def _layer_dispatch(module: torch.nn.Module, device: torch.device, top_k: int) -> _LayerDispatch:

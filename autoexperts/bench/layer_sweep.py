@@ -19,8 +19,8 @@ import torch
 from ..calibration.experts_layer import ExpertsLayer, routed_inputs
 from ..calibration.memory import peak_call_bytes
 from ..cost_model import CostModel
-from ..dispatch import auto_experts_forward, dispatch_entry
-from ..layer import AUTO, backend_forward
+from ..dispatch import auto_experts_forward, decision_table
+from ..layer import AUTO, BATCHED_MM, backend_forward
 from ..timing import interleaved_rounds, repeats_for, timed_call_ms
 from .analysis import FIXED_BACKENDS, ContenderRun, PointResult
 
@@ -59,9 +59,15 @@ def _contender_calls(experts_class: type, wrap: Callable[[ExpertsCall], ExpertsC
     return calls
 
 
-def _not_run_reason(backend: str, num_tokens: int, cost_model: CostModel, memory_limit: float) -> str | None:
-    if backend not in cost_model.backends:
-        return "not in the profile"
+def _not_run_reason(
+    backend: str, num_tokens: int, cost_model: CostModel, memory_limit: float, expert_bytes: int, top_k: int
+) -> str | None:
+    if backend not in cost_model.backends:  # e.g. eager, which a fullgraph calibration cannot measure
+        # batched_mm copies one expert's weights per (token, top-k) slot; the others need far less.
+        predicted = num_tokens * top_k * expert_bytes if backend == BATCHED_MM else 0
+        if predicted > memory_limit:
+            return f"its weight copies ({predicted / 2**30:.1f} GiB) exceed the limit {memory_limit / 2**30:.1f} GiB"
+        return None
     if num_tokens >= cost_model.infeasible_from(backend):
         return f"failed in calibration from {int(cost_model.infeasible_from(backend))} tokens"
     predicted = float(cost_model.peak_bytes(backend, [num_tokens])[0])
@@ -80,6 +86,7 @@ def run_layer_sweep(
     timing: TimingOptions,
     wrap: Callable[[ExpertsCall], ExpertsCall] = lambda fn: fn,
     advance: Callable[[], None] = lambda: None,
+    compile_mode: str = "none",
 ) -> list[PointResult]:
     """Times every contender at every count of `tokens` on `layer` (see the module docstring).
 
@@ -88,6 +95,7 @@ def run_layer_sweep(
         memory_limit_bytes (`float`): a fixed backend predicted above this is not run at that count.
         wrap (`Callable`): applied to each contender's function (e.g. `torch.compile`).
         advance (`Callable`): called once per finished token count (a progress bar's update).
+        compile_mode (`str`): the mode `wrap` compiles in, whose decision table says what `auto` chose.
     """
     module = layer.module
     calls = _contender_calls(type(module), wrap)
@@ -101,7 +109,9 @@ def run_layer_sweep(
         for name, call in calls.items():
             reason = dropped.get(name) if name != AUTO else None
             if name != AUTO and reason is None:
-                reason = _not_run_reason(name, num_tokens, cost_model, memory_limit_bytes)
+                reason = _not_run_reason(
+                    name, num_tokens, cost_model, memory_limit_bytes, layer.spec.expert_bytes, layer.spec.top_k
+                )
             if reason is not None:
                 status = "slow" if name in dropped else "skipped"
                 runs[name] = ContenderRun(status=status, note=reason)
@@ -109,17 +119,22 @@ def run_layer_sweep(
             active[name] = lambda call=call, inputs=inputs: call(module, *inputs)
 
         with torch.inference_mode():
-            auto_backend = dispatch_entry(module, inputs[0], inputs[1])[1].backend
+            table = decision_table(module, device, layer.spec.top_k, compile_mode)
+            auto_backend = table.region_for(num_tokens).backend
             warm_ms = {}
             for name, call in active.items():
                 warm_ms[name] = timed_call_ms(call, device)
-                runs[name] = ContenderRun(peak_bytes=peak_call_bytes(call, device))
+                # The CPU memory tracker runs code uncompiled: there auto's peak is its chosen backend's (below).
+                tracked = not (name == AUTO and compile_mode != "none" and device.type == "cpu")
+                runs[name] = ContenderRun(peak_bytes=peak_call_bytes(call, device) if tracked else None)
             repeats = repeats_for(
                 sum(warm_ms.values()), timing.seconds_per_point, timing.min_repeats, timing.max_repeats
             )
             for name, samples in interleaved_rounds(active, device, repeats).items():
                 runs[name].samples_ms = samples
 
+        if runs[AUTO].peak_bytes is None and auto_backend in runs:
+            runs[AUTO].peak_bytes = runs[auto_backend].peak_bytes
         point = PointResult(str(num_tokens), num_tokens, runs, auto_backend)
         fastest = min(run.median_ms for run in runs.values() if run.ok)
         for backend in FIXED_BACKENDS:

@@ -84,12 +84,19 @@ def build_bench_model(
     return model
 
 
-def _skip_reason(
-    contender: str, num_tokens: int, cost_model: CostModel, memory_limit: float, slow: dict[str, str]
-) -> str | None:
-    if contender == AUTO:
-        return None
-    return slow.get(contender) or _not_run_reason(contender, num_tokens, cost_model, memory_limit)
+@dataclass(frozen=True)
+class MemoryGuard:
+    """Says which fixed backend may not run a call of `num_tokens` tokens per experts layer."""
+
+    cost_model: CostModel
+    limit_bytes: float
+    expert_bytes: int
+    top_k: int
+
+    def reason(self, contender: str, num_tokens: int) -> str | None:
+        if contender == AUTO:
+            return None
+        return _not_run_reason(contender, num_tokens, self.cost_model, self.limit_bytes, self.expert_bytes, self.top_k)
 
 
 def _time_contenders(
@@ -97,6 +104,7 @@ def _time_contenders(
     calls: dict[str, Callable[[], object]],
     device: torch.device,
     timing: TimingOptions,
+    track_auto_memory: bool = True,
 ) -> tuple[dict[str, ContenderRun], str | None]:
     """Warm-up, a probe call, peak memory and interleaved rounds of `calls`, switching the model's experts
     implementation before each call. A contender whose probe takes `slow_factor` times the fastest probe is reported
@@ -125,7 +133,8 @@ def _time_contenders(
             runs[name] = ContenderRun(status="slow", note=note)
             continue
         model.set_experts_implementation(name)
-        runs[name] = ContenderRun(peak_bytes=peak_call_bytes(call, device))
+        tracked = track_auto_memory or name != AUTO
+        runs[name] = ContenderRun(peak_bytes=peak_call_bytes(call, device) if tracked else None)
         timed[name] = call
     round_ms = sum(probe_ms[n] for n in timed)
     repeats = repeats_for(round_ms, timing.seconds_per_point, timing.min_repeats, timing.max_repeats)
@@ -140,18 +149,21 @@ def run_forward_points(
     model: torch.nn.Module,
     points: Sequence[ForwardPoint],
     device: torch.device,
-    cost_model: CostModel,
-    memory_limit_bytes: float,
+    guard: MemoryGuard,
     timing: TimingOptions,
     advance: Callable[[], None] = lambda: None,
     call: Callable | None = None,
+    choice_for: Callable[[int], str] | None = None,
 ) -> list[PointResult]:
     """Times one forward (no KV cache) of every contender at every point; returns one `PointResult` per point.
 
     Args:
+        guard (`MemoryGuard`): which fixed backends may not run at a point's token count.
         call (`Callable`, *optional*): what runs the forward (default: `model`; e.g. `torch.compile(model)`).
+        choice_for (`Callable`, *optional*): `auto`'s backend at a token count, where no decision is recorded
+            (compiled code calls no hooks).
     """
-    forward = call or model
+    forward = model if call is None else call
     generator = torch.Generator().manual_seed(0)
     results = []
     for point in points:
@@ -160,14 +172,21 @@ def run_forward_points(
         ).to(device)  # (batch, sequence)
         runs, calls = {}, {}
         for name in CONTENDERS:
-            reason = _skip_reason(name, point.num_tokens, cost_model, memory_limit_bytes, {})
+            reason = guard.reason(name, point.num_tokens)
             if reason is not None:
                 runs[name] = ContenderRun(status="skipped", note=reason)
             else:
                 calls[name] = lambda input_ids=input_ids: forward(input_ids=input_ids, use_cache=False).logits
+        compiled = forward is not model
         with torch.inference_mode():
-            timed_runs, auto_backend = _time_contenders(model, calls, device, timing)
+            # The CPU memory tracker runs code uncompiled: there auto's peak is its chosen backend's (below).
+            track_auto = not (compiled and device.type == "cpu")
+            timed_runs, auto_backend = _time_contenders(model, calls, device, timing, track_auto)
         runs.update(timed_runs)
+        if auto_backend is None and choice_for is not None:
+            auto_backend = choice_for(point.num_tokens)
+        if AUTO in runs and runs[AUTO].peak_bytes is None and auto_backend in runs:
+            runs[AUTO].peak_bytes = runs[auto_backend].peak_bytes
         results.append(PointResult(point.label, point.num_tokens, runs, auto_backend))
         advance()
     model.set_experts_implementation(AUTO)
@@ -199,8 +218,7 @@ def run_generation(
     prompt_length: int,
     new_tokens: int,
     rounds: int,
-    cost_model: CostModel,
-    memory_limit_bytes: float,
+    guard: MemoryGuard,
 ) -> GenerationResult:
     """Greedy `generate()` of exactly `new_tokens` tokens per contender, `rounds` interleaved timed rounds.
 
@@ -221,7 +239,7 @@ def run_generation(
     runs: dict[str, ContenderRun] = {}
     calls = {}
     for name in (GROUPED_MM, *(b for b in FIXED_BACKENDS if b != GROUPED_MM), AUTO):
-        reason = _skip_reason(name, batch * prompt_length, cost_model, memory_limit_bytes, {})
+        reason = guard.reason(name, batch * prompt_length)
         if reason is not None:
             runs[name] = ContenderRun(status="skipped", note=f"prefill: {reason}")
             continue

@@ -27,14 +27,15 @@ from ..calibration.experts_layer import build_experts_layer
 from ..calibration.model_source import ModelSource, resolve_model
 from ..calibration.run import SWEEP_MEMORY_FRACTION, resolve_device, resolve_dtype
 from ..compile_mode import CALIBRATION_MODES
-from ..device import _cpu_model_name, device_name, device_slug, free_memory_bytes
+from ..device import cpu_model_name, device_name, device_slug, free_memory_bytes
+from ..dispatch import decision_table
 from ..errors import UsageError
 from ..freshness import library_versions
 from ..profile import Profile, find_profile
 from ..report import profile_table
 from .analysis import sweep_summary
 from .layer_sweep import TimingOptions, held_out_tokens, run_layer_sweep
-from .model_bench import build_bench_model, forward_points, run_forward_points, run_generation
+from .model_bench import MemoryGuard, build_bench_model, forward_points, run_forward_points, run_generation
 from .overhead import measure_dispatch_overhead
 from .targets import evaluate_targets
 
@@ -117,7 +118,7 @@ def _machine(device: torch.device) -> dict:
     machine = {
         "device": device_name(device),
         "device_type": device.type,
-        "cpu": _cpu_model_name(),
+        "cpu": cpu_model_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
@@ -128,10 +129,35 @@ def _machine(device: torch.device) -> dict:
     return machine
 
 
+# Every contender at every decision region is a graph of its own: room for all of them, so that no point falls
+# back to uncompiled code after Dynamo's default limit of 8 recompilations.
+_BENCH_RECOMPILE_LIMIT = 64
+
+
 def _compile_wrapper(mode: str):
+    """`fn -> compiled fn` for experts calls in `mode` (identity for `"none"`), with dynamic token counts."""
     if mode == "none":
         return lambda fn: fn
-    return lambda fn: torch.compile(fn, dynamic=True, mode=None if mode == "default" else mode)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _BENCH_RECOMPILE_LIMIT)
+
+    def wrap(fn):
+        compiled = torch.compile(fn, dynamic=True, mode=None if mode == "default" else mode)
+
+        def call(module, hidden_states, top_k_index, top_k_weights):
+            # Only the token count varies, as inside a compiled model (hidden_dim and top_k are fixed there).
+            for tensor in (hidden_states, top_k_index, top_k_weights):
+                torch._dynamo.mark_static(tensor, 1)
+            return compiled(module, hidden_states, top_k_index, top_k_weights)
+
+        return call
+
+    return wrap
+
+
+def _compiled_model(model: torch.nn.Module, mode: str):
+    if mode == "none":
+        return model
+    return torch.compile(model, dynamic=True, mode=None if mode == "default" else mode)
 
 
 def run_benchmark(options: BenchOptions) -> dict:
@@ -192,12 +218,15 @@ def run_benchmark(options: BenchOptions) -> dict:
             if "sweep" in options.parts:
                 bar.set_postfix_str("layer sweep")
                 sweep = run_layer_sweep(
-                    layer, device, dtype, sweep_tokens, profile.cost_model, memory_limit, timing, wrap, bar.update
-                )
+                    layer, device, dtype, sweep_tokens, profile.cost_model, memory_limit, timing, wrap, bar.update,
+                    options.compile_mode,
+                )  # fmt: skip
                 results["layer_sweep"] = {
                     "points": [p.to_json() for p in sweep],
                     "summary": sweep_summary(sweep),
                 }
+            table = decision_table(layer.module, device, layer.spec.top_k, options.compile_mode)
+            guard = MemoryGuard(profile.cost_model, memory_limit, layer.spec.expert_bytes, layer.spec.top_k)
             del layer
             gc.collect()
             if {"forward", "generate"} & set(options.parts):
@@ -205,16 +234,17 @@ def run_benchmark(options: BenchOptions) -> dict:
                 results["model_bench"] = {"layers": options.layers, "vocab_size": options.vocab_size}
                 if "forward" in options.parts:
                     bar.set_postfix_str("model forward")
-                    runner = wrap(model) if options.compile_mode != "none" else model
+                    runner = _compiled_model(model, options.compile_mode)
                     forward = run_forward_points(
-                        model, points, device, profile.cost_model, memory_limit, timing, bar.update, call=runner
-                    )
+                        model, points, device, guard, timing, bar.update, call=runner,
+                        choice_for=lambda n: table.region_for(n).backend,
+                    )  # fmt: skip
                     results["forward"] = [p.to_json() for p in forward]
                 if "generate" in options.parts:
                     bar.set_postfix_str("generate()")
                     generation = run_generation(
                         model, device, options.batch, options.prompt_length, options.new_tokens,
-                        options.generate_rounds, profile.cost_model, memory_limit,
+                        options.generate_rounds, guard,
                     )  # fmt: skip
                     results["generation"] = generation.to_json()
                     bar.update()
