@@ -256,29 +256,8 @@ def _traced_backend(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_in
     return backend_forward(backend, type(self))
 
 
-@torch.compiler.assume_constant_result
-def _compiled_regions(
-    experts_class: type,
-    down_proj_shape: tuple,
-    dtype: torch.dtype,
-    device: torch.device,
-    is_transposed: bool,
-    has_gate: bool,
-    has_bias: bool,
-    has_post_expert_norm: bool,
-    top_k: int,
-    model_hint: str,
-) -> tuple:
-    """Runs at trace time (Dynamo calls it and keeps the result as a constant): `((last token count, backend), ...)`
-    of the layer's decision table for the compile mode being traced."""
-    return _regions_of(
-        experts_class, down_proj_shape, dtype, device, is_transposed, has_gate, has_bias, has_post_expert_norm, top_k,
-        model_hint,
-    )  # fmt: skip
-
-
-# Never traced: after a graph break elsewhere, Dynamo may meet `_compiled_regions` as a frame of its own and would
-# otherwise trace into the table building (locks, file reads, logging) instead of just running it.
+# Never traced: after a graph break elsewhere, Dynamo may meet this function as a frame of its own and would otherwise
+# trace into the table building (locks, file reads, logging) instead of just running it.
 @torch.compiler.disable
 def _regions_of(
     experts_class: type,
@@ -292,6 +271,7 @@ def _regions_of(
     top_k: int,
     model_hint: str,
 ) -> tuple:
+    """`((last token count, backend), ...)` of the layer's decision table for the compile mode being traced."""
     spec = LayerSpec.from_parts(
         experts_class, down_proj_shape, dtype, device, is_transposed, has_gate, has_bias, has_post_expert_norm, top_k
     )
@@ -316,6 +296,12 @@ def _regions_of(
             dispatch.table.regions[0].source,
         )
     return dispatch.compiled_regions
+
+
+@torch.compiler.assume_constant_result
+def _compiled_regions(*layer_parts) -> tuple:
+    """Runs at trace time (Dynamo calls it and keeps the result as a constant): `_regions_of(*layer_parts)`."""
+    return _regions_of(*layer_parts)
 
 
 def memory_budget_bytes(device: torch.device, setting: tuple[str, float] | None = None) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -59,6 +60,30 @@ def tiny_model(model_type: str, experts_implementation: str = "auto", dtype=torc
             if "norm" not in name:
                 parameter.normal_(0.0, 0.1)
     return model.to(dtype).eval()
+
+
+def random_input_ids(batch: int, seq: int) -> torch.Tensor:
+    """Token ids for the tiny models, a fixed draw per shape."""
+    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(batch * 100 + seq))
+
+
+def logits_with(model: torch.nn.Module, input_ids: torch.Tensor, implementation: str) -> torch.Tensor:
+    """The model's logits with `implementation` as its experts backend."""
+    model.set_experts_implementation(implementation)
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def rewrite_record(json_path, **changes) -> None:
+    """Edits a profile JSON in place; `a__b=value` sets `record["a"]["b"]`."""
+    record = json.loads(json_path.read_text())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        target = record
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    json_path.write_text(json.dumps(record))
 
 
 def experts_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

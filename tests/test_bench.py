@@ -185,3 +185,24 @@ def test_bench_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys)
     assert status == 2
     assert message in stderr and len(stderr.strip().splitlines()) == 1
     assert not list((tmp_path / "results").glob("*/*.json"))
+
+
+@pytest.mark.parametrize(
+    ("auto_backend", "noise_named", "quoted"),
+    [
+        ("grouped_mm", True, "+15.0% at 400 tokens"),  # auto ran the oracle's backend: its regret is timing noise
+        ("eager", False, "choice regret was +50.0% at 400 tokens"),  # auto chose wrong: eager is 1.5x the oracle
+    ],
+)
+def test_report_tells_noise_from_wrong_choices(auto_backend, noise_named, quoted):
+    from autoexperts.bench.report import _diagnosis
+
+    points = [
+        _point(400, auto_backend, eager=[30], batched_mm=[], grouped_mm=[20], auto=[23]),
+        _point(4, "batched_mm", eager=[4], batched_mm=[1], grouped_mm=[2], auto=[1.01]),
+    ]
+    sweep = {"points": [p.to_json() for p in points], "summary": sweep_summary(points)}
+    text = " ".join(_diagnosis({"layer_sweep": sweep}))
+    assert quoted in text
+    assert ("not a wrong choice" in text) is noise_named
+    assert ("1 of 2" in text) is not noise_named

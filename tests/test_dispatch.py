@@ -5,7 +5,7 @@ import torch
 
 import autoexperts
 from autoexperts.table import FALLBACK_BATCHED_MAX_TOKENS
-from tests.conftest import CROSSOVER_CURVES, layer_spec, synthetic_profile, tiny_model
+from tests.conftest import CROSSOVER_CURVES, layer_spec, logits_with, random_input_ids, synthetic_profile, tiny_model
 
 MODEL_TYPES = [
     "mixtral",  # concatenated gate_up, no bias
@@ -15,30 +15,20 @@ MODEL_TYPES = [
 ]
 
 
-def _input_ids(batch: int, seq: int) -> torch.Tensor:
-    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(batch * 100 + seq))
-
-
-def _logits(model, input_ids, implementation):
-    model.set_experts_implementation(implementation)
-    with torch.no_grad():
-        return model(input_ids=input_ids).logits
-
-
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 @pytest.mark.parametrize(("batch", "seq"), [(1, 1), (2, 7), (3, 40)])  # decode, small prefill, larger prefill
 def test_auto_equals_chosen_backend_and_eager(model_type, batch, seq, profile_dir, save):
     model = tiny_model(model_type)
     save(synthetic_profile(layer_spec(model), CROSSOVER_CURVES))
-    input_ids = _input_ids(batch, seq)
+    input_ids = random_input_ids(batch, seq)
     with autoexperts.record_decisions() as decisions:
-        auto = _logits(model, input_ids, "auto")
+        auto = logits_with(model, input_ids, "auto")
     chosen = {d.backend for d in decisions}
     assert len(chosen) == 1 and {d.source for d in decisions} == {"profile"}
     expected_backend = "batched_mm" if batch * seq < 8 else "grouped_mm"
     assert chosen == {expected_backend}
-    assert torch.equal(auto, _logits(model, input_ids, expected_backend))
-    torch.testing.assert_close(auto, _logits(model, input_ids, "eager"), rtol=1e-4, atol=1e-5)
+    assert torch.equal(auto, logits_with(model, input_ids, expected_backend))
+    torch.testing.assert_close(auto, logits_with(model, input_ids, "eager"), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -55,7 +45,7 @@ def test_synthetic_profile_steers_choice(num_tokens, expected, profile_dir, save
     model = tiny_model("qwen3_moe")
     save(synthetic_profile(layer_spec(model), CROSSOVER_CURVES))
     with autoexperts.record_decisions() as decisions, torch.no_grad():
-        model(input_ids=_input_ids(1, num_tokens))
+        model(input_ids=random_input_ids(1, num_tokens))
     assert {(d.num_tokens, d.backend, d.source) for d in decisions} == {(num_tokens, expected, "profile")}
     decision = decisions[0]
     assert set(decision.predicted) == {"eager", "batched_mm", "grouped_mm"}
@@ -76,7 +66,7 @@ def test_memory_budget_changes_choice(budget, expected, profile_dir, save):
     save(synthetic_profile(layer_spec(model), CROSSOVER_CURVES))
     autoexperts.set_memory_budget(budget)
     with autoexperts.record_decisions() as decisions, torch.no_grad():
-        model(input_ids=_input_ids(1, 4))
+        model(input_ids=random_input_ids(1, 4))
     assert {d.backend for d in decisions} == {expected}
     assert {d.source for d in decisions} == {"over_budget" if budget == "1KB" else "profile"}
     if budget is not None:
@@ -89,7 +79,7 @@ def test_memory_budget_from_environment(profile_dir, save, monkeypatch):
     monkeypatch.setenv("AUTOEXPERTS_MEMORY_BUDGET", "3MB")
     autoexperts.reset()
     with autoexperts.record_decisions() as decisions, torch.no_grad():
-        model(input_ids=_input_ids(1, 4))
+        model(input_ids=random_input_ids(1, 4))
     assert {d.backend for d in decisions} == {"grouped_mm"}
 
 
@@ -98,7 +88,7 @@ def test_fallback_without_profile_warns_once(profile_dir):
     with pytest.warns(autoexperts.ProfileMissingWarning) as caught, autoexperts.record_decisions() as decisions:
         for seq in (3, 5, 3):
             with torch.no_grad():
-                model(input_ids=_input_ids(1, seq))
+                model(input_ids=random_input_ids(1, seq))
     messages = [str(w.message) for w in caught if issubclass(w.category, autoexperts.ProfileMissingWarning)]
     assert len(messages) == 1
     assert "autoexperts calibrate --model" in messages[0] and "--dtype float32" in messages[0]
@@ -123,8 +113,8 @@ def test_decisions_are_cached_per_token_count(profile_dir, save):
     model = tiny_model("qwen3_moe")
     save(synthetic_profile(layer_spec(model), CROSSOVER_CURVES))
     with autoexperts.record_decisions() as decisions, torch.no_grad():
-        model(input_ids=_input_ids(1, 3))
-        model(input_ids=_input_ids(1, 3))
+        model(input_ids=random_input_ids(1, 3))
+        model(input_ids=random_input_ids(1, 3))
     assert len(decisions) == 4  # two layers, two calls
     assert decisions[0] is decisions[1] is decisions[2] is decisions[3]
 
@@ -133,10 +123,10 @@ def test_model_dtype_change_builds_a_new_table(profile_dir, save):
     model = tiny_model("qwen3_moe")
     save(synthetic_profile(layer_spec(model), CROSSOVER_CURVES))
     with autoexperts.record_decisions() as decisions, torch.no_grad():
-        model(input_ids=_input_ids(1, 3))
+        model(input_ids=random_input_ids(1, 3))
         model.to(torch.bfloat16)
         with pytest.warns(autoexperts.ProfileMissingWarning, match="bfloat16"):
-            model(input_ids=_input_ids(1, 3))
+            model(input_ids=random_input_ids(1, 3))
     assert [d.layer.dtype for d in decisions] == ["float32", "float32", "bfloat16", "bfloat16"]
     # No bfloat16 profile: the second pair comes from the fallback rule.
     assert [d.source for d in decisions] == ["profile", "profile", "fallback", "fallback"]
@@ -145,7 +135,7 @@ def test_model_dtype_change_builds_a_new_table(profile_dir, save):
 def test_generate_with_auto_matches_eager_and_records_prefill_and_decode(profile_dir, save):
     model = tiny_model("qwen3_moe")
     save(synthetic_profile(layer_spec(model), CROSSOVER_CURVES))
-    input_ids = _input_ids(2, 6)
+    input_ids = random_input_ids(2, 6)
     settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
     model.set_experts_implementation("eager")
     expected = model.generate(input_ids, **settings)

@@ -4,7 +4,6 @@ Every case runs a tiny model's forward and compares it with the backend that sho
 eager (closely).
 """
 
-import json
 import random
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -17,29 +16,16 @@ import autoexperts
 from autoexperts import dispatch
 from autoexperts.errors import BackendFailedWarning, ProfileWarning
 from autoexperts.profile import save_profile
-from tests.conftest import CROSSOVER_CURVES, experts_modules, layer_spec, synthetic_profile, tiny_model
-
-
-def _input_ids(batch: int, seq: int) -> torch.Tensor:
-    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(batch * 100 + seq))
-
-
-def _logits(model, input_ids, implementation):
-    model.set_experts_implementation(implementation)
-    with torch.no_grad():
-        return model(input_ids=input_ids).logits
-
-
-def _edit(json_path, **changes):
-    record = json.loads(json_path.read_text())
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split("__")
-        target = record
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    json_path.write_text(json.dumps(record))
-
+from tests.conftest import (
+    CROSSOVER_CURVES,
+    experts_modules,
+    layer_spec,
+    logits_with,
+    random_input_ids,
+    rewrite_record,
+    synthetic_profile,
+    tiny_model,
+)
 
 # One damaged or foreign profile of each kind, and what `auto` does with it at 3 tokens (the synthetic profile
 # picks batched_mm there; the CPU fallback rule, grouped_mm).
@@ -49,13 +35,17 @@ DAMAGES = {
     "missing joblib": (lambda p: p.with_suffix(".joblib").unlink(), "profile", "is missing"),
     "invalid JSON": (lambda p: p.write_text('{"kind": "autoexperts-profile", '), "fallback", "invalid JSON"),
     "empty JSON": (lambda p: p.write_text(""), "fallback", "invalid JSON"),
-    "future schema": (lambda p: _edit(p, schema_version=99), "fallback", "newer than"),
-    "another device": (lambda p: _edit(p, device__name="Elsewhere GPU"), "fallback", "measured on"),
-    "another dtype": (lambda p: _edit(p, dtype="float16"), "fallback", "dtype 'float16'"),
-    "another shape": (lambda p: _edit(p, experts__intermediate_dim=48), "fallback", "intermediate_dim 48"),
-    "another compile mode": (lambda p: _edit(p, compile_mode="max-autotune"), "fallback", "compile mode"),
-    "another scikit-learn": (lambda p: _edit(p, versions={"scikit-learn": "0.1"}), "profile", "scikit-learn 0.1"),
-    "stale torch": (lambda p: _edit(p, versions={"torch": "1.0.0"}), "profile", "torch 1.0.0"),
+    "future schema": (lambda p: rewrite_record(p, schema_version=99), "fallback", "newer than"),
+    "another device": (lambda p: rewrite_record(p, device__name="Elsewhere GPU"), "fallback", "measured on"),
+    "another dtype": (lambda p: rewrite_record(p, dtype="float16"), "fallback", "dtype 'float16'"),
+    "another shape": (lambda p: rewrite_record(p, experts__intermediate_dim=48), "fallback", "intermediate_dim 48"),
+    "another compile mode": (lambda p: rewrite_record(p, compile_mode="max-autotune"), "fallback", "compile mode"),
+    "another scikit-learn": (
+        lambda p: rewrite_record(p, versions={"scikit-learn": "0.1"}),
+        "profile",
+        "scikit-learn 0.1",
+    ),
+    "stale torch": (lambda p: rewrite_record(p, versions={"torch": "1.0.0"}), "profile", "torch 1.0.0"),
 }
 
 
@@ -66,11 +56,11 @@ def test_damaged_profile_never_breaks_a_forward(damage, profile_dir, save):
     json_path = save(synthetic_profile(layer_spec(model), CROSSOVER_CURVES))
     corrupt(json_path)
     dispatch.reset()
-    input_ids = _input_ids(1, 3)
+    input_ids = random_input_ids(1, 3)
     with warnings.catch_warnings(record=True) as caught, autoexperts.record_decisions() as decisions:
         warnings.simplefilter("always")
-        auto = _logits(model, input_ids, "auto")
-        _logits(model, _input_ids(1, 5), "auto")  # a second call warns no more
+        auto = logits_with(model, input_ids, "auto")
+        logits_with(model, random_input_ids(1, 5), "auto")  # a second call warns no more
     profile_warnings = [str(w.message) for w in caught if issubclass(w.category, ProfileWarning)]
     if source == "fallback":  # the missing-profile warning follows the one about the file
         assert "no profile for" in profile_warnings.pop()
@@ -79,8 +69,8 @@ def test_damaged_profile_never_breaks_a_forward(damage, profile_dir, save):
     assert {d.source for d in decisions} == {source}
     expected = "batched_mm" if source == "profile" else "grouped_mm"
     assert {d.backend for d in decisions if d.num_tokens == 3} == {expected}
-    assert torch.equal(auto, _logits(model, input_ids, expected))
-    torch.testing.assert_close(auto, _logits(model, input_ids, "eager"), rtol=1e-4, atol=1e-5)
+    assert torch.equal(auto, logits_with(model, input_ids, expected))
+    torch.testing.assert_close(auto, logits_with(model, input_ids, "eager"), rtol=1e-4, atol=1e-5)
 
 
 def test_next_matching_profile_is_used_when_the_first_is_damaged(profile_dir, save, tmp_path, monkeypatch):
@@ -93,7 +83,7 @@ def test_next_matching_profile_is_used_when_the_first_is_damaged(profile_dir, sa
     good = save_profile(profile, shipped)
     dispatch.reset()
     with pytest.warns(ProfileWarning, match="invalid JSON"), autoexperts.record_decisions() as decisions:
-        _logits(model, _input_ids(1, 3), "auto")
+        logits_with(model, random_input_ids(1, 3), "auto")
     assert {(d.source, d.profile) for d in decisions} == {("profile", str(good))}
 
 
@@ -103,14 +93,14 @@ def test_stale_profile_setting(policy, source, profile_dir, save, monkeypatch):
     # "" is unset: the default uses stale profiles
     model = tiny_model("qwen3_moe")
     json_path = save(synthetic_profile(layer_spec(model), CROSSOVER_CURVES))
-    _edit(json_path, versions={"transformers": "4.0.0"})
+    rewrite_record(json_path, versions={"transformers": "4.0.0"})
     monkeypatch.setenv("AUTOEXPERTS_STALE_PROFILES", policy)
     dispatch.reset()
     with (
         pytest.warns(autoexperts.StaleProfileWarning, match="transformers 4.0.0"),
         autoexperts.record_decisions() as decisions,
     ):
-        _logits(model, _input_ids(1, 3), "auto")
+        logits_with(model, random_input_ids(1, 3), "auto")
     assert {d.source for d in decisions} == {source}
 
 
@@ -151,10 +141,10 @@ def test_failing_backend_falls_back_to_the_next_candidate(seq, replacement, prof
     monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS, "flaky_mm", flaky)
     model = tiny_model("olmoe")
     save(synthetic_profile(layer_spec(model), FLAKY_CURVES))
-    input_ids = _input_ids(1, seq)
+    input_ids = random_input_ids(1, seq)
     with pytest.warns(BackendFailedWarning) as caught, autoexperts.record_decisions() as decisions:
-        auto = _logits(model, input_ids, "auto")
-        again = _logits(model, input_ids, "auto")
+        auto = logits_with(model, input_ids, "auto")
+        again = logits_with(model, input_ids, "auto")
     messages = [str(w.message) for w in caught if issubclass(w.category, BackendFailedWarning)]
     assert len(messages) == 1 and "flaky_mm raised" in messages[0] and "does not support" in messages[0]
     assert flaky.calls == 1  # never chosen again for this layer shape: not for the second layer, not later
@@ -164,9 +154,9 @@ def test_failing_backend_falls_back_to_the_next_candidate(seq, replacement, prof
         (replacement, "runtime_fallback"),
         *[(replacement, "profile")] * 3,
     ]
-    expected = _logits(model, input_ids, replacement)
+    expected = logits_with(model, input_ids, replacement)
     assert torch.equal(auto, expected) and torch.equal(again, expected)
-    torch.testing.assert_close(auto, _logits(model, input_ids, "eager"), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(auto, logits_with(model, input_ids, "eager"), rtol=1e-4, atol=1e-5)
 
 
 def test_failing_fallback_choice_runs_eager(profile_dir, monkeypatch):
@@ -174,12 +164,12 @@ def test_failing_fallback_choice_runs_eager(profile_dir, monkeypatch):
     flaky = _Flaky()
     monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS, "grouped_mm", flaky)
     model = tiny_model("mixtral")
-    input_ids = _input_ids(2, 5)
-    expected = _logits(model, input_ids, "eager")
+    input_ids = random_input_ids(2, 5)
+    expected = logits_with(model, input_ids, "eager")
     with pytest.warns(BackendFailedWarning, match="eager ran in its place"), warnings.catch_warnings():
         warnings.simplefilter("ignore", autoexperts.ProfileMissingWarning)
         with autoexperts.record_decisions() as decisions:
-            auto = _logits(model, input_ids, "auto")
+            auto = logits_with(model, input_ids, "auto")
     assert torch.equal(auto, expected) and flaky.calls == 1
     assert [d.backend for d in decisions] == ["grouped_mm", "eager", "eager"]
 
@@ -194,7 +184,7 @@ def test_error_of_every_candidate_propagates_and_excludes_nothing(profile_dir, s
     experts_class = type(experts_modules(model)[0])
     monkeypatch.setattr(experts_class.forward, "__wrapped__", flaky)
     with pytest.raises(RuntimeError, match="does not support"):
-        _logits(model, _input_ids(1, 3), "auto")
+        logits_with(model, random_input_ids(1, 3), "auto")
     state = experts_modules(model)[0].__dict__[dispatch._STATE_ATTR]
     assert [d.failed for d in state.dispatch.values()] == [{}]
 
@@ -206,10 +196,10 @@ def test_decision_cache_is_safe_under_threads(profile_dir, save):
     model = tiny_model("qwen3_moe")
     save(synthetic_profile(layer_spec(model), CROSSOVER_CURVES))
     token_counts = list(range(1, 25))
-    expected = {n: _logits(model, _input_ids(1, n), "eager") for n in token_counts}
+    expected = {n: logits_with(model, random_input_ids(1, n), "eager") for n in token_counts}
     with autoexperts.record_decisions() as alone:  # the choices one thread makes
         for n in token_counts:
-            _logits(model, _input_ids(1, n), "auto")
+            logits_with(model, random_input_ids(1, n), "auto")
     chosen_alone = {(d.num_tokens, d.backend) for d in alone}
     assert {backend for _, backend in chosen_alone} == {"batched_mm", "grouped_mm"}
     dispatch.reset()  # the threads race to build the table and fill the cache
@@ -218,7 +208,7 @@ def test_decision_cache_is_safe_under_threads(profile_dir, save):
 
     def forward(n):
         with torch.no_grad():
-            return n, model(input_ids=_input_ids(1, n)).logits
+            return n, model(input_ids=random_input_ids(1, n)).logits
 
     with autoexperts.record_decisions() as decisions, ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(forward, jobs))

@@ -15,7 +15,7 @@ from autoexperts.errors import ProfileRefitWarning, ProfileSkippedWarning, Profi
 from autoexperts.freshness import stale_reasons
 from autoexperts.layer import LayerSpec
 from autoexperts.profile import find_profile, load_profile, save_profile
-from tests.conftest import CROSSOVER_CURVES, replace_spec, synthetic_profile
+from tests.conftest import CROSSOVER_CURVES, replace_spec, rewrite_record, synthetic_profile
 
 SPEC = LayerSpec("TinyExperts", 8, 64, 32, 2, True, False, False, False, "float32", "cpu")
 
@@ -101,17 +101,6 @@ def _profile_warnings(caught) -> list[str]:
     return [str(w.message) for w in caught if issubclass(w.category, ProfileWarning)]
 
 
-def _rewrite_record(json_path, **changes):
-    record = json.loads(json_path.read_text())
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split("__")
-        target = record
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    json_path.write_text(json.dumps(record))
-
-
 @pytest.fixture
 def trusted(profile_dir):
     """A profile saved in the (trusted) user profile folder."""
@@ -123,7 +112,7 @@ def _garbage_pickle(json_path):
     """A well-formed pickle of the wrong object, with a matching checksum: only its content gives it away."""
     model_path = json_path.with_suffix(".joblib")
     joblib.dump({"format": 1, "backends": {"grouped_mm": "not an estimator"}}, model_path)
-    _rewrite_record(json_path, cost_model__sha256=hashlib.sha256(model_path.read_bytes()).hexdigest())
+    rewrite_record(json_path, cost_model__sha256=hashlib.sha256(model_path.read_bytes()).hexdigest())
 
 
 @pytest.mark.parametrize(
@@ -137,11 +126,11 @@ def _garbage_pickle(json_path):
         ),
         (lambda p: p.with_suffix(".joblib").write_bytes(b"\x80\x04garbage" * 9), "does not match"),  # garbage
         (  # garbage in a profile written before checksums: unpickling fails
-            lambda p: (p.with_suffix(".joblib").write_bytes(b"garbage"), _rewrite_record(p, cost_model__sha256=None)),
+            lambda p: (p.with_suffix(".joblib").write_bytes(b"garbage"), rewrite_record(p, cost_model__sha256=None)),
             "cannot be loaded",
         ),
         (_garbage_pickle, "cannot be loaded"),  # a pickle of another object
-        (lambda p: _rewrite_record(p, versions={"scikit-learn": "0.0.1"}), "scikit-learn 0.0.1"),  # another sklearn
+        (lambda p: rewrite_record(p, versions={"scikit-learn": "0.0.1"}), "scikit-learn 0.0.1"),  # another sklearn
     ],
 )
 def test_damaged_joblib_is_refit_with_one_warning(trusted, damage, reason):
@@ -196,7 +185,7 @@ def test_inconsistent_sklearn_version_warning_means_refit(trusted, monkeypatch):
 )
 def test_foreign_or_future_profile_is_skipped_with_one_warning(trusted, changes, reason):
     profile, json_path = trusted
-    _rewrite_record(json_path, **changes)
+    rewrite_record(json_path, **changes)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert find_profile(SPEC, profile.device_name, "none", profiles.search_dirs()) is None
@@ -255,7 +244,7 @@ def test_symlink_out_of_the_trusted_folder_is_not_followed(saved, profile_dir, m
 
 def test_model_file_name_cannot_point_elsewhere(trusted, monkeypatch):
     _, json_path = trusted
-    _rewrite_record(json_path, cost_model__file="../../elsewhere.joblib")
+    rewrite_record(json_path, cost_model__file="../../elsewhere.joblib")
     _forbid_unpickling(monkeypatch)
     with pytest.warns(ProfileRefitWarning, match="invalid model file"):
         assert load_profile(json_path).model_source.startswith("refit")
@@ -286,7 +275,7 @@ def test_stale_reasons(record, stale, monkeypatch):
 @pytest.mark.parametrize(("policy", "used"), [("use", True), ("fallback", False)])
 def test_stale_profile_policy(trusted, policy, used):
     profile, json_path = trusted
-    _rewrite_record(json_path, versions__torch="0.0.1")
+    rewrite_record(json_path, versions__torch="0.0.1")
     with pytest.warns(StaleProfileWarning, match=r"torch 0\.0\.1"):
         found = find_profile(SPEC, profile.device_name, "none", profiles.search_dirs(), stale_policy=policy)
     assert (found is not None) == used
@@ -298,7 +287,7 @@ def test_report_marks_stale_profiles(trusted):
     from autoexperts.report import describe_profile
 
     _, json_path = trusted
-    _rewrite_record(json_path, versions__transformers="4.0.0")
+    rewrite_record(json_path, versions__transformers="4.0.0")
     text = describe_profile(load_profile(json_path), 2**30, "fixed")
     assert "STALE" in text and "transformers 4.0.0" in text
     assert "STALE" not in describe_profile(synthetic_profile(SPEC, CROSSOVER_CURVES), 2**30, "fixed")

@@ -46,6 +46,32 @@ def _targets(results: dict) -> list[str]:
     return _table(["target", "limit", "measured", ""], rows) if rows else ["(no targets apply)"]
 
 
+def _diagnosis(results: dict) -> list[str]:
+    """Whether the layer sweep's regret comes from auto's choices or from timing noise (see `choice_regret`)."""
+    sweep = results.get("layer_sweep")
+    if not sweep or not sweep["summary"]["points"]:
+        return []
+    summary = sweep["summary"]
+    worst_choice = summary["worst_choice_regret"]
+    where = f" at {summary['worst_choice_regret_tokens']} tokens" if worst_choice else ""
+    lines = [
+        f"auto ran the oracle's backend at {summary['oracle_picks']} of {summary['points']} layer-sweep points; its "
+        f"worst choice regret was {_percent(worst_choice)}{where}."
+    ]
+    worst = next(p for p in sweep["points"] if p["num_tokens"] == summary["worst_regret_tokens"])
+    if worst["auto_backend"] == worst["oracle"]:
+        lines.append(
+            f"The worst measured regret ({_percent(worst['regret'])} at {worst['num_tokens']} tokens) came where auto "
+            f"ran the oracle's own backend ({worst['oracle']}): it is the spread between two timings of one kernel on "
+            "this machine, not a wrong choice."
+        )
+    if summary["oracle_picks"] == summary["points"]:
+        lines.append(
+            "Every choice was the oracle's, so any gap between auto's totals and the best here is timing noise."
+        )
+    return ["", " ".join(lines)]
+
+
 def _sweep(sweep: dict) -> list[str]:
     rows = []
     for point in sweep["points"]:
@@ -160,7 +186,7 @@ def markdown_report(results: dict) -> str:
     ]
     if results.get("command"):
         lines.append(f"- command: `{results['command']}`")
-    lines += ["", "## Targets", "", *_targets(results)]
+    lines += ["", "## Targets", "", *_targets(results), *_diagnosis(results)]
     if "layer_sweep" in results:
         lines += [
             "",

@@ -1,0 +1,85 @@
+"""Writes `calibrate/results/README.md`, one row per benchmark run found under the results folder, and renders each
+run's Markdown report again from its JSON (so that changes to the report apply to earlier runs).
+
+Run: python calibrate/summarize.py [RESULTS_FOLDER]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from autoexperts.bench.analysis import FIXED_BACKENDS
+from autoexperts.bench.report import markdown_report
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _row(results: dict, folder: Path, json_path: Path) -> str:
+    summary = results.get("layer_sweep", {}).get("summary", {})
+    versus = summary.get("versus_fixed", {})
+    generation = results.get("generation", {}).get("runs", {})
+    medians = {name: run["median_ms"] for name, run in generation.items() if run["median_ms"] is not None}
+    best_fixed = min((medians[b] for b in FIXED_BACKENDS if b in medians), default=None)
+    auto = medians.get("auto")
+    report = json_path.with_suffix(".md").relative_to(folder)
+    cells = [
+        f"[{results['model']['name']}]({report})",
+        results["machine"]["device"],
+        results["dtype"],
+        results["compile_mode"],
+        _ratio(summary.get("auto_over_oracle")),
+        " / ".join(
+            _ratio(versus.get(b, {}).get("auto_ratio")) + ("*" if versus.get(b, {}).get("points_missing") else "")
+            for b in FIXED_BACKENDS
+        ),
+        "—" if summary.get("worst_regret") is None else f"{summary['worst_regret']:+.1%}",
+        _ratio(auto / best_fixed if auto and best_fixed else None),
+        _ratio(auto / medians["grouped_mm"] if auto and "grouped_mm" in medians else None),
+        "—" if "overhead" not in results else f"{results['overhead']['auto_path_us']:.2f}",
+        "—" if results["calibration"].get("wall_seconds") is None else f"{results['calibration']['wall_seconds']:.0f}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def main() -> None:
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results")
+    runs = []
+    for json_path in sorted(folder.glob("*/*.json")):
+        results = json.loads(json_path.read_text(encoding="utf-8"))
+        if results.get("kind") == "autoexperts-bench":
+            runs.append(_row(results, folder, json_path))
+            json_path.with_suffix(".md").write_text(markdown_report(results), encoding="utf-8")
+    header = [
+        "model",
+        "device",
+        "dtype",
+        "compile",
+        "layer sweep: auto / oracle",
+        "auto / " + " / ".join(FIXED_BACKENDS),
+        "worst point regret",
+        "generate(): auto / best fixed",
+        "generate(): auto / default",
+        "dispatch µs",
+        "calibrate s",
+    ]
+    lines = [
+        "# Benchmark results",
+        "",
+        "One row per `autoexperts bench` run (each links its report; JSON and plot beside it). Ratios below 1 mean",
+        "auto was faster; `*`: over the points where that backend ran (elsewhere it was over the memory limit or",
+        "dropped as 8x slower than the fastest). Written by `python calibrate/summarize.py`.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *runs,
+    ]
+    (folder / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
