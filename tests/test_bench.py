@@ -146,9 +146,9 @@ def test_benchmark_writes_consistent_json_markdown_and_plot(tiny_model_folder, t
         assert png.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def _bench_cli(*args, cwd):
+def _bench_cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "autoexperts", "bench", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+        [sys.executable, "-m", "autoexperts", "bench", *args], capture_output=True, text=True, timeout=600
     )
 
 
@@ -158,7 +158,6 @@ def test_bench_command_calibrates_then_benchmarks(tiny_model_folder, tmp_path):
     completed = _bench_cli(
         "--model", str(tiny_model_folder), "--parts", "sweep,overhead", "--tokens", "5,24",
         "--calibration-seconds-per-point", "0.005", "--seconds-per-point", "0.005", "--out", str(out), "--no-progress",
-        cwd=tmp_path,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr
     (json_path,) = out.glob("*/tiny-qwen3-moe-float32-none.json")
