@@ -111,17 +111,17 @@ def _time_contenders(
     with that one timing, not timed further.
 
     Returns:
-        The runs, and the backend `auto` chose most often during its warm-up.
+        The runs, and the backends `auto` chose during its warm-up call (backend -> number of experts calls).
     """
     runs: dict[str, ContenderRun] = {}
     probe_ms: dict[str, float] = {}
-    auto_backend = None
+    auto_choices: Counter = Counter()
     for name, call in calls.items():  # the first call of each pays one-off costs; the probe does not
         model.set_experts_implementation(name)
         with record_decisions() as decisions:
             call()
-        if name == AUTO and decisions:
-            auto_backend = Counter(d.backend for d in decisions).most_common(1)[0][0]
+        if name == AUTO:
+            auto_choices.update(d.backend for d in decisions)
     for name, call in calls.items():
         model.set_experts_implementation(name)
         probe_ms[name] = timed_call_ms(call, device)
@@ -142,7 +142,7 @@ def _time_contenders(
         for name, call in timed.items():  # interleaved: A B C D A B C D ...
             model.set_experts_implementation(name)
             runs[name].samples_ms.append(timed_call_ms(call, device))
-    return runs, auto_backend
+    return runs, auto_choices
 
 
 def run_forward_points(
@@ -181,8 +181,9 @@ def run_forward_points(
         with torch.inference_mode():
             # The CPU memory tracker runs code uncompiled: there auto's peak is its chosen backend's (below).
             track_auto = not (compiled and device.type == "cpu")
-            timed_runs, auto_backend = _time_contenders(model, calls, device, timing, track_auto)
+            timed_runs, auto_choices = _time_contenders(model, calls, device, timing, track_auto)
         runs.update(timed_runs)
+        auto_backend = auto_choices.most_common(1)[0][0] if auto_choices else None
         if auto_backend is None and choice_for is not None:
             auto_backend = choice_for(point.num_tokens)
         if AUTO in runs and runs[AUTO].peak_bytes is None and auto_backend in runs:
@@ -248,14 +249,9 @@ def run_generation(
             outputs[name] = model.generate(**kwargs)
 
         calls[name] = call
-    decisions: Counter = Counter()
     with torch.inference_mode():
-        model.set_experts_implementation(AUTO)
-        with record_decisions() as recorded:
-            calls[AUTO]()
-        decisions.update(d.backend for d in recorded)
         timing = TimingOptions(seconds_per_point=0.0, min_repeats=rounds, max_repeats=rounds)
-        timed_runs, auto_backend = _time_contenders(model, calls, device, timing)
+        timed_runs, decisions = _time_contenders(model, calls, device, timing)
     runs.update(timed_runs)
     model.set_experts_implementation(AUTO)
     reference = outputs.get("eager")
@@ -263,6 +259,7 @@ def run_generation(
         name: bool(reference is not None and output.shape == reference.shape and torch.equal(output, reference))
         for name, output in outputs.items()
     }
+    auto_backend = decisions.most_common(1)[0][0] if decisions else None
     point = PointResult(f"generate {batch}x{prompt_length}+{new_tokens}", batch * prompt_length, runs, auto_backend)
     layers = sum(1 for m in model.modules() if is_experts_module(m))
     per_call = {backend: count // max(layers, 1) for backend, count in decisions.items()}

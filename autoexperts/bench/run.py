@@ -16,7 +16,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -67,7 +67,6 @@ class BenchOptions:
     seconds_per_point: float = 1.0
     calibration_seconds_per_point: float = 0.6
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 @contextlib.contextmanager
