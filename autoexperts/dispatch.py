@@ -239,13 +239,13 @@ def _traced_backend(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_in
     """
     down_proj = self.down_proj
     regions = _compiled_regions(
+        getattr(getattr(self, "config", None), "_name_or_path", "") or "",
         type(self),
         tuple(down_proj.shape),
         hidden_states.dtype,
         hidden_states.device,
         *layout_flags(self),
         top_k_index.shape[-1],
-        getattr(getattr(self, "config", None), "_name_or_path", "") or "",
     )
     num_tokens = hidden_states.shape[0]
     backend = regions[-1][1]
@@ -260,21 +260,11 @@ def _traced_backend(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_in
 # trace into the table building (locks, file reads, logging) instead of just running it.
 @torch.compiler.disable
 def _regions_of(
-    experts_class: type,
-    down_proj_shape: tuple,
-    dtype: torch.dtype,
-    device: torch.device,
-    is_transposed: bool,
-    has_gate: bool,
-    has_bias: bool,
-    has_post_expert_norm: bool,
-    top_k: int,
-    model_hint: str,
+    model_hint: str, experts_class: type, down_proj_shape: tuple, dtype: torch.dtype, device: torch.device, *rest
 ) -> tuple:
-    """`((last token count, backend), ...)` of the layer's decision table for the compile mode being traced."""
-    spec = LayerSpec.from_parts(
-        experts_class, down_proj_shape, dtype, device, is_transposed, has_gate, has_bias, has_post_expert_norm, top_k
-    )
+    """`((last token count, backend), ...)` of the layer's decision table for the compile mode being traced; `rest`
+    is the rest of `LayerSpec.from_parts`' arguments (layout flags, top_k)."""
+    spec = LayerSpec.from_parts(experts_class, down_proj_shape, dtype, device, *rest)
     compile_mode = modes.traced_compile_mode()
     if compile_mode == modes.NONE:  # called outside a trace (torch.compile is not tracing): the default mode's table
         compile_mode = modes.DEFAULT

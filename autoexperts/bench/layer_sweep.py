@@ -59,21 +59,32 @@ def _contender_calls(experts_class: type, wrap: Callable[[ExpertsCall], ExpertsC
     return calls
 
 
-def _not_run_reason(
-    backend: str, num_tokens: int, cost_model: CostModel, memory_limit: float, expert_bytes: int, top_k: int
-) -> str | None:
-    if backend not in cost_model.backends:  # e.g. eager, which a fullgraph calibration cannot measure
-        # batched_mm copies one expert's weights per (token, top-k) slot; the others need far less.
-        predicted = num_tokens * top_k * expert_bytes if backend == BATCHED_MM else 0
-        if predicted > memory_limit:
-            return f"its weight copies ({predicted / 2**30:.1f} GiB) exceed the limit {memory_limit / 2**30:.1f} GiB"
+@dataclass(frozen=True)
+class MemoryGuard:
+    """Says which fixed backend may not run a call of `num_tokens` tokens per experts layer: one that failed there in
+    calibration, or whose predicted peak memory exceeds `limit_bytes` (`auto` always runs)."""
+
+    cost_model: CostModel
+    limit_bytes: float
+    expert_bytes: int
+    top_k: int
+
+    def reason(self, contender: str, num_tokens: int) -> str | None:
+        if contender == AUTO:
+            return None
+        limit = self.limit_bytes
+        if contender not in self.cost_model.backends:  # e.g. eager, which a fullgraph calibration cannot measure
+            # batched_mm copies one expert's weights per (token, top-k) slot; the others need far less.
+            predicted = num_tokens * self.top_k * self.expert_bytes if contender == BATCHED_MM else 0
+            if predicted > limit:
+                return f"its weight copies ({predicted / 2**30:.1f} GiB) exceed the limit {limit / 2**30:.1f} GiB"
+            return None
+        if num_tokens >= self.cost_model.infeasible_from(contender):
+            return f"failed in calibration from {int(self.cost_model.infeasible_from(contender))} tokens"
+        predicted = float(self.cost_model.peak_bytes(contender, [num_tokens])[0])
+        if predicted > limit:
+            return f"predicted peak {predicted / 2**30:.1f} GiB exceeds the limit {limit / 2**30:.1f} GiB"
         return None
-    if num_tokens >= cost_model.infeasible_from(backend):
-        return f"failed in calibration from {int(cost_model.infeasible_from(backend))} tokens"
-    predicted = float(cost_model.peak_bytes(backend, [num_tokens])[0])
-    if predicted > memory_limit:
-        return f"predicted peak {predicted / 2**30:.1f} GiB exceeds the limit {memory_limit / 2**30:.1f} GiB"
-    return None
 
 
 def run_layer_sweep(
@@ -81,8 +92,7 @@ def run_layer_sweep(
     device: torch.device,
     dtype: torch.dtype,
     tokens: Sequence[int],
-    cost_model: CostModel,
-    memory_limit_bytes: float,
+    guard: MemoryGuard,
     timing: TimingOptions,
     wrap: Callable[[ExpertsCall], ExpertsCall] = lambda fn: fn,
     advance: Callable[[], None] = lambda: None,
@@ -91,8 +101,7 @@ def run_layer_sweep(
     """Times every contender at every count of `tokens` on `layer` (see the module docstring).
 
     Args:
-        cost_model (`CostModel`): the calibrated profile's model, for memory predictions and known failures.
-        memory_limit_bytes (`float`): a fixed backend predicted above this is not run at that count.
+        guard (`MemoryGuard`): which fixed backends may not run at a token count.
         wrap (`Callable`): applied to each contender's function (e.g. `torch.compile`).
         advance (`Callable`): called once per finished token count (a progress bar's update).
         compile_mode (`str`): the mode `wrap` compiles in, whose decision table says what `auto` chose.
@@ -107,11 +116,7 @@ def run_layer_sweep(
         runs: dict[str, ContenderRun] = {}
         active: dict[str, Callable[[], torch.Tensor]] = {}
         for name, call in calls.items():
-            reason = dropped.get(name) if name != AUTO else None
-            if name != AUTO and reason is None:
-                reason = _not_run_reason(
-                    name, num_tokens, cost_model, memory_limit_bytes, layer.spec.expert_bytes, layer.spec.top_k
-                )
+            reason = dropped.get(name) or guard.reason(name, num_tokens)
             if reason is not None:
                 status = "slow" if name in dropped else "skipped"
                 runs[name] = ContenderRun(status=status, note=reason)

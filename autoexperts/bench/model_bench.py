@@ -17,13 +17,12 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from ..calibration.memory import peak_call_bytes
-from ..cost_model import CostModel
 from ..decisions import record_decisions
 from ..errors import UsageError
 from ..layer import AUTO, GROUPED_MM, is_experts_module
 from ..timing import repeats_for, timed_call_ms
 from .analysis import CONTENDERS, FIXED_BACKENDS, ContenderRun, PointResult
-from .layer_sweep import TimingOptions, _not_run_reason
+from .layer_sweep import MemoryGuard, TimingOptions
 
 logger = logging.getLogger(__name__)
 
@@ -82,21 +81,6 @@ def build_bench_model(
     if not any(is_experts_module(m) for m in model.modules()):
         raise UsageError(f"model type {config.model_type!r} built without an experts layer; cannot benchmark it")
     return model
-
-
-@dataclass(frozen=True)
-class MemoryGuard:
-    """Says which fixed backend may not run a call of `num_tokens` tokens per experts layer."""
-
-    cost_model: CostModel
-    limit_bytes: float
-    expert_bytes: int
-    top_k: int
-
-    def reason(self, contender: str, num_tokens: int) -> str | None:
-        if contender == AUTO:
-            return None
-        return _not_run_reason(contender, num_tokens, self.cost_model, self.limit_bytes, self.expert_bytes, self.top_k)
 
 
 def _time_contenders(

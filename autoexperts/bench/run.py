@@ -34,8 +34,8 @@ from ..freshness import library_versions
 from ..profile import Profile, find_profile
 from ..report import profile_table
 from .analysis import sweep_summary
-from .layer_sweep import TimingOptions, held_out_tokens, run_layer_sweep
-from .model_bench import MemoryGuard, build_bench_model, forward_points, run_forward_points, run_generation
+from .layer_sweep import MemoryGuard, TimingOptions, held_out_tokens, run_layer_sweep
+from .model_bench import build_bench_model, forward_points, run_forward_points, run_generation
 from .overhead import measure_dispatch_overhead
 from .targets import evaluate_targets
 
@@ -204,6 +204,7 @@ def run_benchmark(options: BenchOptions) -> dict:
         calibration |= _calibration_record(profile, budget)
         results |= {"layer": layer.spec.shape_fields(), "calibration": calibration, "budget_bytes": budget}
         results["memory_limit_bytes"] = memory_limit
+        guard = MemoryGuard(profile.cost_model, memory_limit, layer.spec.expert_bytes, layer.spec.top_k)
 
         sweep_tokens = options.sweep_tokens or held_out_tokens(profile.metadata["sweep"]["tokens"])
         points = forward_points(options.long_prefill)
@@ -217,7 +218,7 @@ def run_benchmark(options: BenchOptions) -> dict:
             if "sweep" in options.parts:
                 bar.set_postfix_str("layer sweep")
                 sweep = run_layer_sweep(
-                    layer, device, dtype, sweep_tokens, profile.cost_model, memory_limit, timing, wrap, bar.update,
+                    layer, device, dtype, sweep_tokens, guard, timing, wrap, bar.update,
                     options.compile_mode,
                 )  # fmt: skip
                 results["layer_sweep"] = {
@@ -225,7 +226,6 @@ def run_benchmark(options: BenchOptions) -> dict:
                     "summary": sweep_summary(sweep),
                 }
             table = decision_table(layer.module, device, layer.spec.top_k, options.compile_mode)
-            guard = MemoryGuard(profile.cost_model, memory_limit, layer.spec.expert_bytes, layer.spec.top_k)
             del layer
             gc.collect()
             if {"forward", "generate"} & set(options.parts):
