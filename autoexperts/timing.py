@@ -1,13 +1,22 @@
-"""Timing primitives shared by calibration and the benchmark: one timed call, and interleaved rounds of several."""
+"""Timing primitives shared by calibration and the benchmark: one timed call, and interleaved rounds of several.
+
+Interleaved rounds run the contenders in a new order every round (a seeded shuffle): whoever runs right after the
+same kernel finds its code and data still warm and reads fast, so a fixed order (A B C, A B C, ...) biases every
+contender by the one it follows. A seeded shuffle keeps runs reproducible.
+"""
 
 from __future__ import annotations
 
+import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from .device import synchronize
+
+# The seed of the round orders; any fixed value keeps the orders the same from run to run.
+ROUND_ORDER_SEED = 0
 
 
 def timed_call_ms(call: Callable[[], object], device: torch.device) -> float:
@@ -24,16 +33,29 @@ def timed_call_ms(call: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - start_time) * 1e3
 
 
-def interleaved_rounds(calls: Mapping[str, Callable[[], object]], device: torch.device, repeats: int) -> dict:
-    """Times `repeats` rounds of every call in turn (A B C A B C ...), so drifts in the machine's speed hit all alike.
+def round_orders(names: Sequence[str], repeats: int, seed: int = ROUND_ORDER_SEED) -> Iterator[list[str]]:
+    """The order of `names` in each of `repeats` rounds: a seeded shuffle per round, so that no contender always
+    follows the same neighbour (and none always runs first, right after the previous round's last)."""
+    generator = random.Random(seed)
+    order = list(names)
+    for _ in range(repeats):
+        generator.shuffle(order)
+        yield list(order)
+
+
+def interleaved_rounds(
+    calls: Mapping[str, Callable[[], object]], device: torch.device, repeats: int, seed: int = ROUND_ORDER_SEED
+) -> dict:
+    """Times `repeats` rounds of every call, each round in a new seeded order (see `round_orders`), so drifts in
+    the machine's speed hit all alike and no call always runs after the same one.
 
     Returns:
         `dict[str, list[float]]`: each call's times in milliseconds, in round order.
     """
     times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            times[name].append(timed_call_ms(call, device))
+    for order in round_orders(list(calls), repeats, seed):
+        for name in order:
+            times[name].append(timed_call_ms(calls[name], device))
     synchronize(device)
     return times
 

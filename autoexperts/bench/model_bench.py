@@ -20,7 +20,7 @@ from ..calibration.memory import peak_call_bytes
 from ..decisions import record_decisions
 from ..errors import UsageError
 from ..layer import AUTO, GROUPED_MM, is_experts_module
-from ..timing import repeats_for, timed_call_ms
+from ..timing import repeats_for, round_orders, timed_call_ms
 from .analysis import CONTENDERS, FIXED_BACKENDS, ContenderRun, PointResult
 from .layer_sweep import MemoryGuard, TimingOptions
 
@@ -122,10 +122,10 @@ def _time_contenders(
         timed[name] = call
     round_ms = sum(probe_ms[n] for n in timed)
     repeats = repeats_for(round_ms, timing.seconds_per_point, timing.min_repeats, timing.max_repeats)
-    for _ in range(repeats):
-        for name, call in timed.items():  # interleaved: A B C D A B C D ...
+    for order in round_orders(list(timed), repeats):  # interleaved, in a new seeded order every round
+        for name in order:
             model.set_experts_implementation(name)
-            runs[name].samples_ms.append(timed_call_ms(call, device))
+            runs[name].samples_ms.append(timed_call_ms(timed[name], device))
     return runs, auto_choices
 
 

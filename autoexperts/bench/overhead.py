@@ -18,6 +18,7 @@ import torch
 
 from ..calibration.experts_layer import ExpertsLayer, routed_inputs
 from ..dispatch import auto_experts_forward, dispatch_entry
+from ..timing import round_orders
 
 
 def _per_call_us(fn: Callable[[], object], calls: int) -> float:
@@ -31,9 +32,9 @@ def _interleaved_medians(contenders: dict[str, Callable[[], object]], rounds: in
     for fn in contenders.values():  # warm-up
         _per_call_us(fn, calls)
     samples: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(rounds):
-        for name, fn in contenders.items():
-            samples[name].append(_per_call_us(fn, calls))
+    for order in round_orders(list(contenders), rounds):
+        for name in order:
+            samples[name].append(_per_call_us(contenders[name], calls))
     return samples
 
 

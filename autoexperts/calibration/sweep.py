@@ -1,8 +1,8 @@
 """The calibration sweep: every backend at every token count, interleaved, with warm-up, medians and peak memory.
 
 At each token count the backends still in the sweep run side by side: one warm-up call each, one call each under
-the memory tracker, then `repeats` rounds of A B C A B C ... timed calls (CUDA events on GPU). A backend leaves the
-sweep when
+the memory tracker, then `repeats` rounds of timed calls, each round in a new seeded order (CUDA events on GPU). A
+backend leaves the sweep when
 
 - a call runs out of memory (`"oom"`) or raises (`"error"`): its later points are `"skipped"`, and the cost model
   treats it as infeasible from the failing count up;
