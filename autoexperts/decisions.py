@@ -28,6 +28,8 @@ class Decision:
             profile).
         budget_bytes (`float`): the memory budget the choice respected.
         profile (`str | None`): the JSON file of the profile that decided, if any.
+        reason (`str`): why backends were left out before any prediction, e.g. a shape `grouped_mm` cannot run on
+            this device (empty when every backend could run).
     """
 
     backend: str
@@ -37,6 +39,7 @@ class Decision:
     predicted: dict[str, Prediction] = dataclasses.field(default_factory=dict, compare=False)
     budget_bytes: float = float("inf")
     profile: str | None = None
+    reason: str = ""
 
     def summary(self) -> str:
         """One readable line: layer, tokens, backend, why, and the predictions."""
@@ -44,8 +47,10 @@ class Decision:
             f"{name} {p.latency_ms:.3g} ms/{p.peak_bytes / 2**20:.3g} MiB" + ("" if p.feasible else " (failed)")
             for name, p in self.predicted.items()
         )
-        return f"{self.layer.describe()} num_tokens={self.num_tokens} -> {self.backend} [{self.source}]" + (
-            f" predicted: {costs}" if costs else ""
+        return (
+            f"{self.layer.describe()} num_tokens={self.num_tokens} -> {self.backend} [{self.source}]"
+            + (f" predicted: {costs}" if costs else "")
+            + (f" ({self.reason})" if self.reason else "")
         )
 
 

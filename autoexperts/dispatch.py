@@ -5,8 +5,19 @@ shared by all layers of the same spec. Every later call is a dict lookup on the 
 registered hooks (if any), and a call of Transformers' own backend function.
 
 Faults: when the chosen backend raises, the same call runs on the next candidate (the others predicted to fit the
-budget, fastest first, then eager); once one succeeds, the failing backend is excluded for that layer spec (its table
-is rebuilt without it) and a `BackendFailedWarning` is given once. The `try` costs nothing while nothing raises.
+budget, fastest first, then eager, then the other default backends this layer can run); once one succeeds, the
+failing backend is excluded for that layer spec (its table is rebuilt without it) and a `BackendFailedWarning` is
+given once. Only a backend's own failure is handled so: the exceptions frameworks raise through a call to steer it
+(`torch.utils.checkpoint` stopping a recomputation early, Dynamo, fake tensors; `KeyboardInterrupt` and other
+`BaseException`s) pass untouched. The `try` costs nothing while nothing raises.
+
+Recomputation: a gradient checkpoint runs the forward again during backward (inside the autograd engine), and its
+saved tensors must match the first run's. So every call remembers, per module and token count, what it ran; a call
+made during backward replays exactly that (the backends that raised first, then the one whose output was used),
+with no new decision, no failover and no hooks (it is not a new forward).
+
+Pickling: the per-module state pickles (and deep-copies) as `None`, so `torch.save(model)`, `copy.deepcopy` and
+`pickle` work after `auto` ran, and the copy decides afresh on its first call.
 
 Under `torch.compile` the table is fetched once per trace by a function Dynamo runs at trace time and treats as a
 constant (`torch.compiler.assume_constant_result`), and the traced code compares the token count with the region
@@ -21,6 +32,7 @@ import dataclasses
 import functools
 import logging
 import threading
+import traceback
 import warnings
 from collections.abc import Callable
 
@@ -30,11 +42,12 @@ from transformers.integrations.moe import ExpertsInterface
 from . import compile_mode as modes
 from . import profile as profiles
 from . import settings
+from .capabilities import unrunnable_backends
 from .cost_model import CostModel
 from .decisions import Decision, active_hooks
 from .device import device_name, free_memory_bytes
 from .errors import BackendFailedWarning, ProfileWarning
-from .layer import AUTO, EAGER, LayerSpec, backend_forward, layout_flags, registered_backends
+from .layer import AUTO, DEFAULT_BACKENDS, EAGER, LayerSpec, backend_forward, layout_flags, registered_backends
 from .table import DecisionTable, build_fallback_table, build_profile_table
 
 logger = logging.getLogger(__name__)
@@ -42,6 +55,8 @@ logger = logging.getLogger(__name__)
 _STATE_ATTR = "_autoexperts_state"
 # Token counts cached per table; beyond this many distinct counts, decisions are still made but not kept.
 _MAX_CACHED_TOKEN_COUNTS = 1 << 16
+# Calls remembered per module for a checkpoint's recomputation (one per token count; a training step needs a few).
+_MAX_REMEMBERED_CALLS = 1 << 10
 
 _lock = threading.RLock()
 _tables: dict[tuple, _LayerDispatch] = {}
@@ -64,10 +79,16 @@ class _LayerDispatch:
         experts_class: type,
         profile_path: str | None,
         rebuild: Callable[[set[str]], DecisionTable] | None = None,
+        candidates: list[str] | None = None,
+        unavailable: dict[str, str] | None = None,
     ):
         self.table = table
         self.experts_class = experts_class
         self.profile_path = profile_path
+        # The backends that may run this layer here (replacements come from these), and why others may not.
+        self.candidates = list(candidates) if candidates is not None else list(DEFAULT_BACKENDS)
+        self.unavailable = dict(unavailable or {})
+        self.reason = "; ".join(self.unavailable.values())
         self.by_tokens: dict[int, tuple] = {}
         # Builds the table again without the given backends (after one raised at run time).
         self.rebuild = rebuild
@@ -86,6 +107,7 @@ class _LayerDispatch:
             predicted=table.predictions(num_tokens),
             budget_bytes=table.budget_bytes,
             profile=self.profile_path,
+            reason=self.reason,
         )
         entry = (backend_forward(region.backend, self.experts_class), decision)
         with _lock:
@@ -97,15 +119,15 @@ class _LayerDispatch:
 
     def replacements(self, decision: Decision) -> list[str]:
         """The backends to try when `decision.backend` raised, best first: the others predicted to fit the budget,
-        fastest first, then eager (the module's own forward; after eager itself, the other candidates)."""
+        fastest first, then eager (the module's own forward), then the other default backends. Only backends that
+        can run this layer here (`candidates`) and have not failed for it."""
         fitting = sorted(
             (p.latency_ms, backend)
             for backend, p in decision.predicted.items()
             if p.feasible and p.peak_bytes <= decision.budget_bytes
         )
-        last_resort = [EAGER] if decision.backend != EAGER else registered_backends()
-        order = dict.fromkeys([b for _, b in fitting] + list(last_resort))
-        return [b for b in order if b != decision.backend and b not in self.failed]
+        order = dict.fromkeys([b for _, b in fitting] + list(DEFAULT_BACKENDS))
+        return [b for b in order if b != decision.backend and b in self.candidates and b not in self.failed]
 
     def exclude(self, backend: str, reason: str) -> bool:
         """Stops choosing `backend` for this layer spec; returns whether it was still chosen until now."""
@@ -120,13 +142,20 @@ class _LayerDispatch:
 
 
 class _ModuleState:
-    """Per experts module: the dispatch for each (dtype, device, top_k) it has been called with."""
+    """Per experts module: the dispatch for each (dtype, device, top_k) it has been called with, and what each call
+    ran (`ran[(key, num_tokens)]`, the entry a gradient checkpoint's recomputation of that call replays)."""
 
-    __slots__ = ("dispatch", "epoch")
+    __slots__ = ("dispatch", "epoch", "ran")
 
-    def __init__(self, epoch: int):
+    def __init__(self, epoch: int, ran: dict | None = None):
         self.epoch = epoch
         self.dispatch: dict[tuple, _LayerDispatch] = {}
+        self.ran: dict[tuple, tuple] = ran if ran is not None else {}
+
+    def __reduce__(self):
+        # Pickled and deep-copied as `None`: the state holds functions (eager's is not importable by name) and
+        # tables of this process; a copy decides again on its first call.
+        return (type(None), ())
 
 
 def auto_experts_forward(
@@ -148,6 +177,8 @@ def auto_experts_forward(
     """
     if torch.compiler.is_compiling():
         return _traced_backend(self, hidden_states, top_k_index)(self, hidden_states, top_k_index, top_k_weights)
+    if torch._C._current_graph_task_id() != -1:  # inside backward: a gradient checkpoint recomputing the forward
+        return _recompute(self, hidden_states, top_k_index, top_k_weights)
     backend, decision = dispatch_entry(self, hidden_states, top_k_index)
     hooks = active_hooks()
     if hooks:
@@ -156,9 +187,28 @@ def auto_experts_forward(
     try:
         return backend(self, hidden_states, top_k_index, top_k_weights)
     except Exception as error:  # costs nothing until a backend raises
-        failure = f"{type(error).__name__}: {_first_line(error)}"
-    # Outside the `except` block, so the failed call's tensors (held by the traceback) are already freed.
+        if is_framework_control_flow(error):
+            raise
+        failure = error
+        # The failed call's tensors (held by the traceback's frames) are freed before the next backend runs; the
+        # error keeps its message and line numbers, to be raised if nothing else can run the call.
+        traceback.clear_frames(error.__traceback__)
     return _run_in_place_of(self, decision, failure, hidden_states, top_k_index, top_k_weights)
+
+
+# Modules whose exceptions steer a call from outside (a checkpoint's early stop of a recomputation, Dynamo's graph
+# breaks and restarts, fake-tensor and export tracing): never a backend's failure, never retried on another backend.
+_FRAMEWORK_MODULES = ("torch.utils.checkpoint", "torch._dynamo", "torch._subclasses", "torch.fx", "torch.export")
+
+
+def is_framework_control_flow(error: BaseException) -> bool:
+    """Whether `error` is a framework's control flow passing through an experts call rather than a backend failing
+    (see `_FRAMEWORK_MODULES`); `BaseException`s that are not `Exception`s (`KeyboardInterrupt`, ...) always are."""
+    if not isinstance(error, Exception):
+        return True
+    return any(
+        type(error).__module__ == name or type(error).__module__.startswith(name + ".") for name in _FRAMEWORK_MODULES
+    )
 
 
 def _first_line(error: BaseException) -> str:
@@ -166,63 +216,107 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
+def _describe_error(error: BaseException) -> str:
+    return f"{type(error).__name__}: {_first_line(error)}"
+
+
+def _recompute(
+    module: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """A call made inside backward (a gradient checkpoint's recomputation): replays what the module's forward ran at
+    this token count, so the recomputed tensors match the saved ones. A backend that raised in the forward is run
+    again first (it saves the same tensors before raising), then the one whose output was used; nothing is decided
+    anew, no backend is swapped and no hook is called. Without a record (no forward of this module was seen), the
+    call is dispatched as a forward is."""
+    state = module.__dict__.get(_STATE_ATTR)
+    key = (hidden_states.dtype, hidden_states.device, top_k_index.shape[-1])
+    entry = state.ran.get((key, hidden_states.shape[0])) if state is not None else None
+    if entry is None:
+        backend, _ = dispatch_entry(module, hidden_states, top_k_index)
+        return backend(module, hidden_states, top_k_index, top_k_weights)
+    backend, _, *failed_first = entry
+    for failed in failed_first[0] if failed_first else ():
+        try:
+            failed(module, hidden_states, top_k_index, top_k_weights)
+        except Exception as error:
+            if is_framework_control_flow(error):
+                raise
+    return backend(module, hidden_states, top_k_index, top_k_weights)
+
+
 def _run_in_place_of(
     module: torch.nn.Module,
     decision: Decision,
-    failure: str,
+    failure: Exception,
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """Runs the next candidate after `decision.backend` raised (see `_LayerDispatch.replacements`).
+    """Runs the next candidate after `decision.backend` raised `failure` (see `_LayerDispatch.replacements`).
 
-    The failing backend is excluded for the layer spec only once another backend ran the same call: when every
-    replacement fails too, the input itself is at fault and the last replacement's error propagates.
+    The failing backend is excluded for the layer spec only once another backend ran the same call. When every
+    replacement fails too, the input itself is at fault: `failure` (the chosen backend's error) is raised, with the
+    replacements' errors logged and noted on it.
     """
     state = module.__dict__.get(_STATE_ATTR)
     key = (hidden_states.dtype, hidden_states.device, top_k_index.shape[-1])
     dispatch = state.dispatch.get(key) if state is not None else None
     if dispatch is None:  # tables were reset since the lookup
         dispatch = _layer_dispatch(module, hidden_states.device, top_k_index.shape[-1])
-    replacements = dispatch.replacements(decision)
-    if not replacements:
-        raise RuntimeError(f"experts backend {decision.backend} failed ({failure}) and no other backend is left")
-    for index, name in enumerate(replacements):
+    failed = [backend_forward(decision.backend, dispatch.experts_class)]
+    others: list[str] = []
+    for name in dispatch.replacements(decision):
         forward = backend_forward(name, dispatch.experts_class)
-        if index == len(replacements) - 1:  # the last resort: its own error, if any, is the one to see
+        try:
             output = forward(module, hidden_states, top_k_index, top_k_weights)
-        else:
-            try:
-                output = forward(module, hidden_states, top_k_index, top_k_weights)
-            except Exception as error:
-                logger.debug("replacement %s failed too: %s: %s", name, type(error).__name__, _first_line(error))
-                continue
-        if dispatch.exclude(decision.backend, failure):
+        except Exception as error:
+            if is_framework_control_flow(error):
+                raise
+            others.append(f"{name} ({_describe_error(error)})")
+            logger.debug("replacement %s failed too: %s", name, _describe_error(error))
+            traceback.clear_frames(error.__traceback__)
+            failed.append(forward)
+            continue
+        if dispatch.exclude(decision.backend, _describe_error(failure)):
             message = (
                 f"autoexperts: backend {decision.backend} raised for {decision.layer.describe()} at "
-                f"{decision.num_tokens} tokens ({failure}); {name} ran in its place, and {decision.backend} is no "
-                "longer chosen for this layer shape"
+                f"{decision.num_tokens} tokens ({_describe_error(failure)}); {name} ran in its place, and "
+                f"{decision.backend} is no longer chosen for this layer shape"
             )
             warnings.warn(message, BackendFailedWarning, stacklevel=3)
             logger.warning("%s", message)
         replacement = dataclasses.replace(decision, backend=name, source="runtime_fallback")
+        if state is not None:  # what a checkpoint's recomputation of this call replays
+            state.ran[(key, decision.num_tokens)] = (forward, replacement, tuple(failed))
         for hook in active_hooks():
             hook(replacement)
         return output
-    raise AssertionError("unreachable")  # the last replacement either returned or raised
+    note = f"autoexperts: {decision.backend} raised this"
+    note += f"; the other backends failed too: {'; '.join(others)}" if others else "; no other backend can run here"
+    logger.warning("%s for %s at %d tokens", note, decision.layer.describe(), decision.num_tokens)
+    if hasattr(failure, "add_note"):  # Python 3.11+
+        failure.add_note(note)
+    raise failure
 
 
 def dispatch_entry(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> tuple:
-    """The hot path's lookup: `(backend function, Decision)` for this call, from the module's cached tables."""
+    """The hot path's lookup: `(backend function, Decision)` for this call, from the module's cached tables; also
+    remembers it as what this module ran at this token count (see `_recompute`)."""
     state = self.__dict__.get(_STATE_ATTR)
     if state is None or state.epoch != _epoch[0]:
-        state = self.__dict__[_STATE_ATTR] = _ModuleState(_epoch[0])
+        # A new epoch rebuilds the tables, but what ran is kept: a pending backward must still replay it.
+        state = self.__dict__[_STATE_ATTR] = _ModuleState(_epoch[0], state.ran if state is not None else None)
     key = (hidden_states.dtype, hidden_states.device, top_k_index.shape[-1])
     dispatch = state.dispatch.get(key)
     if dispatch is None:
         dispatch = state.dispatch[key] = _layer_dispatch(self, hidden_states.device, top_k_index.shape[-1])
     num_tokens = hidden_states.shape[0]
-    return dispatch.by_tokens.get(num_tokens) or dispatch.decide(num_tokens)
+    entry = dispatch.by_tokens.get(num_tokens) or dispatch.decide(num_tokens)
+    ran = state.ran
+    if len(ran) >= _MAX_REMEMBERED_CALLS:  # a backward replays recent calls only; forget the old ones
+        ran.clear()
+    ran[key, num_tokens] = entry
+    return entry
 
 
 def current_compile_mode() -> str:
@@ -364,7 +458,11 @@ def _build_dispatch(
     spec: LayerSpec, experts_class: type, device: torch.device, compile_mode: str, model_hint: str
 ) -> _LayerDispatch:
     budget = memory_budget_bytes(device)
-    candidates = modes.runnable_backends(registered_backends(), compile_mode, device.type)
+    unavailable = unrunnable_backends(spec)
+    runnable = modes.runnable_backends(registered_backends(), compile_mode, device.type)
+    candidates = [b for b in runnable if b not in unavailable]
+    for reason in unavailable.values():
+        logger.info("auto: %s: %s", spec.describe(), reason)
     name = device_name(device)
     stale_policy = settings.stale_profiles_policy()
     for profile_mode in modes.profile_modes(compile_mode):
@@ -383,7 +481,8 @@ def _build_dispatch(
                 + _calibrate_hint(spec, device, compile_mode, model_hint),
             )
         rebuild = functools.partial(_table_without, spec, profile.cost_model, candidates, budget)
-        return _LayerDispatch(table, experts_class, str(profile.json_path), rebuild)
+        measured = [b for b in candidates if b in DEFAULT_BACKENDS or b in profile.cost_model.backends]
+        return _LayerDispatch(table, experts_class, str(profile.json_path), rebuild, measured, unavailable)
     _warn_once(
         spec,
         compile_mode,
@@ -392,7 +491,9 @@ def _build_dispatch(
         + _calibrate_hint(spec, device, compile_mode, model_hint),
     )
     rebuild = functools.partial(_table_without, spec, None, candidates, budget)
-    return _LayerDispatch(build_fallback_table(spec, candidates, budget), experts_class, None, rebuild)
+    defaults = [b for b in candidates if b in DEFAULT_BACKENDS]
+    table = build_fallback_table(spec, defaults, budget)
+    return _LayerDispatch(table, experts_class, None, rebuild, defaults, unavailable)
 
 
 def _table_without(
