@@ -219,3 +219,47 @@ def test_decision_cache_is_safe_under_threads(profile_dir, save):
     assert len(dispatch._tables) == 1  # one table for the shared layer spec, built once
     # Each token count is decided once: every later call gets the same cached Decision.
     assert len({id(d) for d in decisions}) <= len(token_counts) * 2
+
+
+class _NeedsKernels:
+    """A registered backend whose package is missing here (as sonicmoe or deepgemm on most machines)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, module, hidden_states, top_k_index, top_k_weights):
+        self.calls += 1
+        raise ImportError("sonic-moe requires the kernels package")
+
+
+@pytest.mark.parametrize(
+    "chosen",
+    [
+        "eager",  # a profile picks eager and it raises: batched_mm and grouped_mm may replace it, never the others
+        "grouped_mm",  # the fallback rule's choice raises, then eager, then batched_mm
+    ],
+)
+def test_when_every_runnable_backend_fails_the_chosen_backends_error_surfaces(chosen, profile_dir, save, monkeypatch):
+    uninstalled = _NeedsKernels()
+    monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS, "sonicmoe_like", uninstalled)
+    model = tiny_model("mixtral")
+    if chosen == "eager":
+        curves = {name: (lambda n: 1.0 + 0.1 * n, lambda n: 1_000 * n) for name in ("batched_mm", "grouped_mm")}
+        save(synthetic_profile(layer_spec(model), {**curves, "eager": (lambda n: 0.01 * n, lambda n: 1_000 * n)}))
+    experts = experts_modules(model)[0]
+    model.set_experts_implementation("auto")
+    hidden_states = torch.randn(4, model.config.hidden_size + 8)  # the wrong width: no backend can run it
+    top_k_index = torch.randint(0, 8, (4, 2))
+    top_k_weights = torch.rand(4, 2)
+    forward = dispatch.backend_forward(chosen, type(experts))
+    with pytest.raises(Exception) as direct:
+        forward(experts, hidden_states, top_k_index, top_k_weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", autoexperts.ProfileMissingWarning)
+        with pytest.raises(type(direct.value)) as raised:
+            dispatch.auto_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
+    assert str(raised.value) == str(direct.value)  # the chosen backend's own error, not the last resort's
+    notes = " ".join(getattr(raised.value, "__notes__", []))
+    others = {"eager", "batched_mm", "grouped_mm"} - {chosen}
+    assert all(name in notes for name in others) or not hasattr(raised.value, "add_note")
+    assert uninstalled.calls == 0 and "kernels" not in notes  # a backend that cannot run here is never tried
