@@ -14,6 +14,7 @@ from .errors import (
     ProfileRefitWarning,
     ProfileSkippedWarning,
     ProfileWarning,
+    SettingWarning,
     StaleProfileWarning,
 )
 from .layer import DEFAULT_BACKENDS, LayerSpec
@@ -32,6 +33,7 @@ __all__ = [
     "ProfileRefitWarning",
     "ProfileSkippedWarning",
     "ProfileWarning",
+    "SettingWarning",
     "StaleProfileWarning",
     "__version__",
     "add_dispatch_hook",
@@ -53,3 +55,5 @@ if _settings.log_decisions_enabled():
     _dispatch_logger.setLevel(logging.DEBUG)
 
 register()
+# A malformed AUTOEXPERTS_MEMORY_BUDGET is reported here, once, rather than at the first forward.
+_settings.memory_budget_setting()

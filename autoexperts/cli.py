@@ -175,7 +175,7 @@ def _budget(setting: tuple[str, float] | None, device_type: str) -> tuple[float,
     from .dispatch import memory_budget_bytes
 
     try:
-        setting = setting or settings.memory_budget_setting()
+        setting = setting or settings.memory_budget_setting(strict=True)
     except ValueError as error:
         raise UsageError(str(error)) from error
     device = torch.device("cuda" if device_type == "cuda" and torch.cuda.is_available() else "cpu")

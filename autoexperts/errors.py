@@ -37,3 +37,8 @@ class StaleProfileWarning(ProfileWarning):
 class BackendFailedWarning(RuntimeWarning):
     """The backend `auto` chose raised; another one ran in its place and the failing one is no longer chosen for
     that layer."""
+
+
+class SettingWarning(UserWarning):
+    """An `AUTOEXPERTS_*` environment variable has a value that cannot be used; the warning names the variable, the
+    value and the default that applies instead."""
