@@ -57,6 +57,8 @@ _STATE_ATTR = "_autoexperts_state"
 _MAX_CACHED_TOKEN_COUNTS = 1 << 16
 # Calls remembered per module for a checkpoint's recomputation (one per token count; a training step needs a few).
 _MAX_REMEMBERED_CALLS = 1 << 10
+# -1 outside the autograd engine; the id of the running backward inside it (where checkpoints recompute).
+_graph_task_id = torch._C._current_graph_task_id
 
 _lock = threading.RLock()
 _tables: dict[tuple, _LayerDispatch] = {}
@@ -142,15 +144,15 @@ class _LayerDispatch:
 
 
 class _ModuleState:
-    """Per experts module: the dispatch for each (dtype, device, top_k) it has been called with, and what each call
-    ran (`ran[(key, num_tokens)]`, the entry a gradient checkpoint's recomputation of that call replays)."""
+    """Per experts module: the dispatch for each (dtype, device, top_k) it has been called with, and what its calls
+    ran (`ran[num_tokens]`, the entry a gradient checkpoint's recomputation of that call replays)."""
 
     __slots__ = ("dispatch", "epoch", "ran")
 
     def __init__(self, epoch: int, ran: dict | None = None):
         self.epoch = epoch
         self.dispatch: dict[tuple, _LayerDispatch] = {}
-        self.ran: dict[tuple, tuple] = ran if ran is not None else {}
+        self.ran: dict[int, tuple] = ran if ran is not None else {}
 
     def __reduce__(self):
         # Pickled and deep-copied as `None`: the state holds functions (eager's is not importable by name) and
@@ -177,7 +179,7 @@ def auto_experts_forward(
     """
     if torch.compiler.is_compiling():
         return _traced_backend(self, hidden_states, top_k_index)(self, hidden_states, top_k_index, top_k_weights)
-    if torch._C._current_graph_task_id() != -1:  # inside backward: a gradient checkpoint recomputing the forward
+    if _graph_task_id() != -1:  # inside backward: a gradient checkpoint recomputing the forward
         return _recompute(self, hidden_states, top_k_index, top_k_weights)
     backend, decision = dispatch_entry(self, hidden_states, top_k_index)
     hooks = active_hooks()
@@ -229,9 +231,8 @@ def _recompute(
     anew, no backend is swapped and no hook is called. Without a record (no forward of this module was seen), the
     call is dispatched as a forward is."""
     state = module.__dict__.get(_STATE_ATTR)
-    key = (hidden_states.dtype, hidden_states.device, top_k_index.shape[-1])
-    entry = state.ran.get((key, hidden_states.shape[0])) if state is not None else None
-    if entry is None:
+    entry = state.ran.get(hidden_states.shape[0]) if state is not None else None
+    if entry is None or not _same_call(entry[1], hidden_states, top_k_index):
         backend, _ = dispatch_entry(module, hidden_states, top_k_index)
         return backend(module, hidden_states, top_k_index, top_k_weights)
     backend, _, *failed_first = entry
@@ -242,6 +243,12 @@ def _recompute(
             if is_framework_control_flow(error):
                 raise
     return backend(module, hidden_states, top_k_index, top_k_weights)
+
+
+def _same_call(decision: Decision, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> bool:
+    """Whether `decision` was made for a call like this one (a recomputation repeats its forward's call exactly)."""
+    layer = decision.layer
+    return layer.top_k == top_k_index.shape[-1] and layer.dtype == str(hidden_states.dtype).removeprefix("torch.")
 
 
 def _run_in_place_of(
@@ -287,7 +294,7 @@ def _run_in_place_of(
             logger.warning("%s", message)
         replacement = dataclasses.replace(decision, backend=name, source="runtime_fallback")
         if state is not None:  # what a checkpoint's recomputation of this call replays
-            state.ran[(key, decision.num_tokens)] = (forward, replacement, tuple(failed))
+            state.ran[decision.num_tokens] = (forward, replacement, tuple(failed))
         for hook in active_hooks():
             hook(replacement)
         return output
@@ -315,7 +322,7 @@ def dispatch_entry(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_ind
     ran = state.ran
     if len(ran) >= _MAX_REMEMBERED_CALLS:  # a backward replays recent calls only; forget the old ones
         ran.clear()
-    ran[key, num_tokens] = entry
+    ran[num_tokens] = entry
     return entry
 
 
