@@ -14,6 +14,7 @@ import functools
 import logging
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .layer import GROUPED_MM, LayerSpec
 
@@ -58,9 +59,16 @@ def _grouped_mm_limit(spec: LayerSpec) -> str | None:
 @functools.cache
 def _probe_grouped_mm(device_type: str, dtype_name: str) -> str:
     """`"runs"`, `"needs aligned strides"`, or why grouped matmuls fail altogether, for `dtype` on `device_type`."""
-    device, dtype = torch.device(device_type), getattr(torch, dtype_name)
+    device = torch.device(device_type)
     if device.type == "cuda" and not torch.cuda.is_available():
         return "runs"  # nothing to probe; a real call would fail earlier for want of a device
+    # On real tensors whatever runs around the first call (an export's fake tensors, a profiler's dispatch mode):
+    # the answer is cached and must be the kernel's own.
+    with _disable_current_modes(), torch.no_grad():
+        return _probe_on(device, getattr(torch, dtype_name))
+
+
+def _probe_on(device: torch.device, dtype: torch.dtype) -> str:
     grouped_mm = _transformers_grouped_mm()
     aligned_dim = GROUPED_MM_STRIDE_BYTES  # 16 elements: a multiple of 16 bytes in every dtype
     offsets = torch.tensor([2, 4], dtype=torch.int32, device=device)  # two groups of two rows
@@ -69,21 +77,20 @@ def _probe_grouped_mm(device_type: str, dtype_name: str) -> str:
         inputs = torch.ones(4, input_dim, dtype=dtype, device=device)  # (rows, input_dim)
         weights = torch.ones(2, input_dim, aligned_dim, dtype=dtype, device=device)  # (groups, input_dim, output)
         try:
-            with torch.no_grad():
-                grouped_mm(inputs, weights, offsets)
-        except RuntimeError as error:
+            grouped_mm(inputs, weights, offsets)
+        except Exception as error:  # a probe: any failure is the answer
             return error
         return None
 
     failure = attempt(aligned_dim)
     if failure is not None:
-        logger.info("grouped_mm probe (%s, %s) failed: %s", device_type, dtype_name, failure)
+        logger.info("grouped_mm probe (%s, %s) failed: %s", device, dtype, failure)
         return f"{type(failure).__name__}: {str(failure).strip().splitlines()[0]}"
     misaligned_dim = aligned_dim + 1  # a row stride of 17 elements is no multiple of 16 bytes in any dtype
     failure = attempt(misaligned_dim)
     if failure is None:
         return "runs"
-    logger.info("grouped_mm on %s in %s needs aligned strides: %s", device_type, dtype_name, failure)
+    logger.info("grouped_mm on %s in %s needs aligned strides: %s", device, dtype, failure)
     return "needs aligned strides"
 
 
