@@ -99,3 +99,24 @@ def test_odd_hidden_size_runs_without_a_failed_call(with_profile, profile_dir, s
         assert all("16 bytes" in d.reason and "hidden_dim 37" in d.reason for d in decisions)
         assert "16 bytes" in decisions[0].summary()
     torch.testing.assert_close(auto, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_calibration_leaves_out_what_cannot_run_the_shape(tmp_path, monkeypatch, caplog):
+    from autoexperts.calibration.run import calibrate
+
+    monkeypatch.setattr(capabilities, "_probe_grouped_mm", lambda device_type, dtype: "needs aligned strides")
+    folder = tmp_path / "odd"
+    _odd_model().config.save_pretrained(folder)
+    with caplog.at_level("WARNING", logger="autoexperts"):
+        profile = calibrate(
+            model=str(folder),
+            device="cpu",
+            tokens=[1, 3],
+            out=tmp_path / "profiles",
+            progress=False,
+            seconds_per_point=0.01,
+        )
+    assert {m.backend for m in profile.measurements} == {"eager", "batched_mm"}  # no failed grouped_mm point
+    assert all(m.status == "ok" for m in profile.measurements)
+    assert profile.metadata["sweep"]["backends"] == ["eager", "batched_mm"]
+    assert any("not measuring grouped_mm" in r.getMessage() and "16 bytes" in r.getMessage() for r in caplog.records)

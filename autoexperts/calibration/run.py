@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..capabilities import unrunnable_backends
 from ..compile_mode import CALIBRATION_MODES, runnable_backends
 from ..cost_model import CostModel
 from ..device import device_name, driver_version, free_memory_bytes, gpu_driver_version
@@ -117,6 +118,7 @@ def calibrate(
 
     started = time.perf_counter()
     layer = build_experts_layer(source.config, torch_device, torch_dtype, top_k=top_k)
+    backends = _runnable_for_shape(layer.spec, list(backends))
     name = device_name(torch_device)
     checkpoint = checkpoint_path(profile_path(folder, name, layer.spec.file_stem(compile_mode)))
     # What the checkpoint's points were measured for: resuming needs all of it to match.
@@ -162,6 +164,21 @@ def calibrate(
     checkpoint.unlink(missing_ok=True)
     logger.info("calibration of %s took %.1f s", layer.spec.describe(), profile.metadata["sweep"]["wall_seconds"])
     return profile
+
+
+def _runnable_for_shape(spec, backends: list[str]) -> list[str]:
+    """`backends` less those that cannot run `spec` here (see `autoexperts.capabilities`): they are not measured, and
+    `auto` never picks them for this shape."""
+    unavailable = unrunnable_backends(spec)
+    for backend in backends:
+        if backend in unavailable:
+            logger.warning("not measuring %s: %s", backend, unavailable[backend])
+    left = [b for b in backends if b not in unavailable]
+    if not left:
+        raise UsageError(
+            f"none of the backends {', '.join(backends)} can run this layer here: {'; '.join(unavailable.values())}"
+        )
+    return left
 
 
 def _profile(layer, source, name: str, torch_device: torch.device, measurements, options, elapsed: float) -> Profile:
