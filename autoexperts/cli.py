@@ -26,21 +26,42 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _list_items(text: str) -> list[str]:
+    """The items of a comma-separated list; an empty item (`1,,2`, `1,2,`) or a repeated one is an error, so a typo
+    cannot silently shrink a calibration."""
+    items = [part.strip() for part in text.split(",")]
+    if "" in items:
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty item: give a comma-separated list without blanks")
+    repeated = sorted({item for item in items if items.count(item) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{text!r} repeats {', '.join(repeated)}")
+    return items
+
+
 def _token_list(text: str) -> list[int]:
+    items = _list_items(text)
     try:
-        tokens = [int(part) for part in text.split(",") if part.strip()]
+        tokens = [int(item) for item in items]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not tokens or min(tokens) < 1:
+    if min(tokens) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: token counts must be positive integers")
+    if len(set(tokens)) < len(tokens):  # the same count written twice, e.g. 4 and 04
+        raise argparse.ArgumentTypeError(f"{text!r} repeats a token count")
     return tokens
 
 
-def _name_list(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("give at least one backend")
-    return names
+def _choice_list(choices: tuple[str, ...]):
+    """A comma-list type whose items must be among `choices`."""
+
+    def parse(text: str) -> list[str]:
+        names = _list_items(text)
+        unknown = [name for name in names if name not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown))}: use {', '.join(choices)}")
+        return names
+
+    return parse
 
 
 def _positive_float(text: str) -> float:
@@ -83,7 +104,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--tokens", type=_token_list, help="comma-separated token counts (default: 1,2,3,4,6,...,4096)"
     )
     calibrate.add_argument(
-        "--backends", type=_name_list, help="comma-separated backends (default: eager,batched_mm,grouped_mm)"
+        "--backends", type=_list_items, help="comma-separated backends (default: eager,batched_mm,grouped_mm)"
     )
     calibrate.add_argument("--top-k", type=int, help="experts per token, when the config does not say")
     calibrate.add_argument(
@@ -133,7 +154,10 @@ def _add_bench_parser(commands) -> None:
     )
     bench.add_argument("--tokens", type=_token_list, help="layer sweep token counts (default: held out from the grid)")
     bench.add_argument(
-        "--parts", type=_name_list, default=list(PARTS), help=f"comma-separated parts (default: {','.join(PARTS)})"
+        "--parts",
+        type=_choice_list(PARTS),
+        default=list(PARTS),
+        help=f"comma-separated parts (default: {','.join(PARTS)})",
     )
     bench.add_argument("--layers", type=_positive_int, default=2, help="decoder layers of the benchmark model")
     bench.add_argument("--long-prefill", type=_positive_int, default=2048, help="tokens of the long prefill point")

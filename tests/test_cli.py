@@ -109,11 +109,23 @@ def test_presets_lists_every_preset():
         (["calibrate", "--tokens", "1,x,4"], "not a comma-separated list"),  # malformed tokens
         (["calibrate", "--tokens", "0,4"], "positive"),  # non-positive tokens
         (["calibrate", "--tokens=-3"], "positive"),  # negative tokens
-        (["calibrate", "--tokens", ","], "positive"),  # no tokens at all
+        (["calibrate", "--tokens", ","], "empty item"),  # no tokens at all
+        (["calibrate", "--tokens", "1,,2"], "empty item"),  # a doubled comma (not read as 1,2)
+        (["calibrate", "--tokens", "1,2,"], "empty item"),  # a trailing comma
+        (["calibrate", "--tokens", ""], "empty item"),  # an empty list
+        (["calibrate", "--tokens", "1,2,2"], "repeats 2"),  # a repeated count
+        (["calibrate", "--tokens", "4,04"], "repeats a token count"),  # the same count written two ways
         (["calibrate", "--tokens", "2.5"], "not a comma-separated list"),  # not integers
         (["calibrate", "--device", "tpu"], "unknown device"),  # unknown device
         (["calibrate", "--dtype", "float8"], "unknown dtype"),  # unknown dtype
         (["calibrate", "--backends", "eager,warp_drive"], "unknown backend"),  # unknown backend
+        (["calibrate", "--backends", "eager,,grouped_mm"], "empty item"),  # a doubled comma
+        (["calibrate", "--backends", "eager,"], "empty item"),  # a trailing comma
+        (["calibrate", "--backends", "eager,eager"], "repeats eager"),  # a repeated backend
+        (["bench", "--tokens", "1,,2"], "empty item"),  # bench: a doubled comma in the sweep counts
+        (["bench", "--parts", "sweep,"], "empty item"),  # bench: a trailing comma in the parts
+        (["bench", "--parts", "sweep,sweep"], "repeats sweep"),  # bench: a repeated part
+        (["bench", "--parts", "sweep,warp"], "unknown 'warp'"),  # bench: an unknown part
         (["calibrate", "--seconds-per-point", "-1"], "positive"),  # bad timing budget
         (["calibrate", "--compile", "reduce-overhead"], "invalid choice"),  # a compile mode calibrate does not sweep
         (["calibrate", "--compile", "default", "--backends", "eager"], "cannot run under torch.compile"),  # eager
@@ -124,7 +136,7 @@ def test_presets_lists_every_preset():
 )
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path, capsys):
     out = tmp_path / "out"
-    extra = ["--out", str(out)] if args[0] == "calibrate" else []
+    extra = ["--out", str(out)] if args[0] in ("calibrate", "bench") else []
     status, _, err = _main([*args, *extra], capsys)
     assert status == 2
     lines = err.strip().splitlines()
