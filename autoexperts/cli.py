@@ -91,12 +91,20 @@ def _budget_setting(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+_VERBOSE_HELP = "log progress details (INFO) and decisions"
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="autoexperts", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO) and decisions")
+    parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
+    # `-v` is also accepted after the command; SUPPRESS keeps a command's parser from resetting one given before it.
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    calibrate = commands.add_parser("calibrate", help="measure every backend on this device and save a profile")
+    calibrate = commands.add_parser(
+        "calibrate", parents=[verbose], help="measure every backend on this device and save a profile"
+    )
     calibrate.add_argument("--model", help="a preset name, a folder or config.json, or a Hub id (default: small-moe)")
     calibrate.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     calibrate.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
@@ -127,22 +135,24 @@ def _build_parser() -> argparse.ArgumentParser:
         help="keep the points an interrupted calibration of the same layer measured (its checkpoint) and go on",
     )
 
-    show = commands.add_parser("show", help="print a profile's decision table")
+    show = commands.add_parser("show", parents=[verbose], help="print a profile's decision table")
     show.add_argument("profile", nargs="?", help="a profile .json (default: every profile auto would read)")
     show.add_argument(
         "--budget", type=_budget_setting, help=f"memory budget to apply (default: ${settings.MEMORY_BUDGET_ENV} or 0.8)"
     )
 
-    commands.add_parser("presets", help="list the built-in presets")
-    _add_bench_parser(commands)
+    commands.add_parser("presets", parents=[verbose], help="list the built-in presets")
+    _add_bench_parser(commands, verbose)
     return parser
 
 
-def _add_bench_parser(commands) -> None:
+def _add_bench_parser(commands, verbose: argparse.ArgumentParser) -> None:
     from .bench.run import COMPILE_MODES, PARTS
 
     bench = commands.add_parser(
-        "bench", help="calibrate, then time auto against every fixed backend and write JSON, Markdown and a plot"
+        "bench",
+        parents=[verbose],
+        help="calibrate, then time auto against every fixed backend and write JSON, Markdown and a plot",
     )
     bench.add_argument("--model", help="a preset name, a folder or config.json, or a Hub id (default: small-moe)")
     bench.add_argument("--device", help="cpu or cuda (default: cuda when available)")

@@ -144,6 +144,23 @@ def test_bad_input_exits_2_with_one_line(args, message, tmp_path, capsys):
     assert not out.exists()  # nothing written, not even the folder
 
 
+@pytest.mark.parametrize(
+    ("args", "verbose"),
+    [
+        (["presets"], False),  # not asked for
+        (["-v", "presets"], True),  # before the command
+        (["presets", "-v"], True),  # after the command
+        (["calibrate", "--tokens", "1,2", "--verbose"], True),  # the long form, after calibrate's options
+        (["-v", "show", "--verbose"], True),  # both before and after
+        (["bench", "-v"], True),  # bench
+    ],
+)
+def test_verbose_is_accepted_before_or_after_the_command(args, verbose):
+    from autoexperts.cli import _build_parser
+
+    assert _build_parser().parse_args(args).verbose is verbose
+
+
 def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     result = _cli("calibrate", "--model", "no-such-preset", "--out", str(tmp_path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
