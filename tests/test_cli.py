@@ -238,6 +238,14 @@ def test_resume_from_a_foreign_checkpoint_is_a_usage_error(content, message, tmp
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [checkpoint.name]
 
 
+def test_resume_without_a_checkpoint_is_a_usage_error(tmp_path, capsys):
+    checkpoint = _checkpoint_of_default_preset(tmp_path)
+    status, _, err = _main(["calibrate", "--device", "cpu", "--out", str(tmp_path), "--resume", *FAST_SWEEP], capsys)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"no checkpoint at {checkpoint} to resume; run without --resume" in err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
 def test_show_marks_stale_profiles(calibrated, tmp_path, capsys):
     _, out, _ = calibrated
     record = json.loads(next(out.glob("*/*.json")).read_text())
