@@ -258,10 +258,8 @@ def _show(args: argparse.Namespace) -> int:
         paths = [path]
     else:
         paths = profile_files(search_dirs())
-        if not paths:
-            print(f"no profiles in {', '.join(str(d) for d in search_dirs())}; run: autoexperts calibrate")
-            return 0
-    for index, path in enumerate(paths):
+    shown = 0
+    for path in paths:
         try:
             profile = load_profile(path)
         except ValueError as error:
@@ -270,7 +268,11 @@ def _show(args: argparse.Namespace) -> int:
             logger.warning("skipping %s", error)
             continue
         budget, label = _budget(args.budget, profile.spec.device_type)
-        print(("\n" if index else "") + describe_profile(profile, budget, label))
+        print(("\n" if shown else "") + describe_profile(profile, budget, label))
+        shown += 1
+    if not shown:  # none found, or only unusable files (each named above)
+        usable = "usable " if paths else ""
+        print(f"no {usable}profiles in {', '.join(str(d) for d in search_dirs())}; run: autoexperts calibrate")
     return 0
 
 

@@ -95,6 +95,28 @@ def test_show_prints_the_decision_table(calibrated):
     assert listed.returncode == 0 and str(profile) in listed.stdout
 
 
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({}, "no profiles in"),  # an empty folder
+        ({"cpu/broken.json": "{not json"}, "no usable profiles in"),  # only an unreadable profile
+        ({"cpu/other.json": '{"kind": "something-else"}'}, "no usable profiles in"),  # only a foreign JSON
+    ],
+)
+def test_show_without_usable_profiles_says_so(files, expected, tmp_path, capsys, caplog, monkeypatch):
+    from autoexperts import settings
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setenv("AUTOEXPERTS_PROFILE_DIR", str(tmp_path))
+    monkeypatch.setattr(settings, "shipped_profile_dir", lambda: tmp_path / "no-shipped-profiles")
+    status, out, _ = _main(["show"], capsys)
+    assert status == 0
+    assert out.strip() == f"{expected} {tmp_path}, {tmp_path / 'no-shipped-profiles'}; run: autoexperts calibrate"
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [f"skipping {tmp_path / n}" for n in files]
+
+
 def test_presets_lists_every_preset():
     result = _cli("presets")
     assert result.returncode == 0
