@@ -10,11 +10,13 @@ folder the project ships. A profile anywhere else is refit from its JSON measure
 same cost model. A damaged, mismatched or foreign-version joblib is refit likewise, with one warning.
 
 Writes are atomic (temporary file, then rename) and a file lock serialises the writers of one profile, so readers
-see a whole old or a whole new profile, and of concurrent writers the last to take the lock wins.
+see a whole old or a whole new profile, and of concurrent writers the last to take the lock wins. The lock's file
+exists only while a writer holds it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -30,7 +32,6 @@ from pathlib import Path
 import joblib
 import numpy as np
 import sklearn
-from filelock import FileLock
 
 from . import settings
 from .cost_model import CostModel, Measurement
@@ -38,6 +39,7 @@ from .device import device_slug
 from .errors import ProfileRefitWarning, ProfileSkippedWarning, StaleProfileWarning
 from .freshness import stale_reasons
 from .layer import LayerSpec
+from .locking import file_lock
 
 try:  # scikit-learn >= 1.3
     from sklearn.exceptions import InconsistentVersionWarning
@@ -129,9 +131,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def write_lock(target: Path) -> FileLock:
-    """The inter-process lock that writers of the profile (or checkpoint) at `target` hold."""
-    return FileLock(target.parent / f".{target.name}.lock", timeout=LOCK_TIMEOUT_S)
+def write_lock(target: Path) -> contextlib.AbstractContextManager[None]:
+    """The inter-process lock that writers of the profile at `target` hold; its file `.<name>.lock` beside the
+    profile exists only while it is held (see `locking`)."""
+    return file_lock(target.parent / f".{target.name}.lock", LOCK_TIMEOUT_S)
 
 
 def save_profile(profile: Profile, folder: Path) -> Path:

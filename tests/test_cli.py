@@ -59,6 +59,8 @@ def test_calibrate_prints_table_and_writes_profile(calibrated):
     _, out, result = calibrated
     profiles = list(out.glob("*/*.json"))
     assert len(profiles) == 1 and profiles[0].with_suffix(".joblib").is_file()
+    # Nothing else beside them: no temporary file, and no empty lock file to outlive the profile.
+    assert sorted(p.name for p in profiles[0].parent.iterdir()) == [profiles[0].stem + ".joblib", profiles[0].name]
     record = json.loads(profiles[0].read_text())
     assert record["experts"]["experts_class"] == "Qwen3MoeExperts" and record["experts"]["top_k"] == 2
     assert {m["num_tokens"] for m in record["measurements"]} == {1, 2, 4, 8, 16, 32}
@@ -299,8 +301,8 @@ def test_ctrl_c_keeps_measured_points_and_resume_finishes(tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "kept in" in err and "--resume" in err and "Traceback" not in err
-    files = [p for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
-    assert [p.suffix for p in files] == [".checkpoint"]  # no profile, no temporary file
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert [p.suffix for p in files] == [".checkpoint"]  # no profile, no temporary or lock file
     kept = json.loads(files[0].read_text())["measurements"]
     assert 0 < len(kept) < 10  # some points, not all
 
@@ -322,7 +324,7 @@ def test_concurrent_calibrations_of_one_profile_all_finish(tmp_path):
     ]
     results = [(p.communicate(timeout=300), p.returncode) for p in processes]
     assert [code for _, code in results] == [0, 0, 0], [err for (_, err), _ in results]
-    files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
+    files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
     assert len(files) == 2 and files[0].endswith(".joblib") and files[1].endswith(".json")
     with warnings.catch_warnings():
         warnings.simplefilter("error", ProfileWarning)
