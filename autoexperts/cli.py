@@ -221,7 +221,7 @@ def _budget(setting: tuple[str, float] | None, device_type: str) -> tuple[float,
 def _calibrate(args: argparse.Namespace) -> int:
     from .calibration.run import calibrate, resolve_device
     from .profile import default_write_dir
-    from .report import describe_profile
+    from .report import describe_profile, describe_replacement
 
     device = resolve_device(args.device)
     out = Path(args.out).expanduser() if args.out else default_write_dir()
@@ -244,6 +244,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     budget, label = _budget(None, profile.spec.device_type)
     print(describe_profile(profile, budget, label))
     print(f"\ncalibrated in {profile.metadata['sweep']['wall_seconds']:.1f} s; profile written to {profile.json_path}")
+    replacement = describe_replacement(profile)
+    if replacement is not None:
+        print(replacement)
     return 0
 
 

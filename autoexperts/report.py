@@ -33,6 +33,29 @@ def _aligned(rows: list[list[str]], right_aligned: int = 0) -> list[str]:
     ]
 
 
+def _measured(points: int | None, tokens: tuple[int, int] | None) -> str:
+    """`72 points, 1–4096 tokens`: how much a profile measured."""
+    if points is None:
+        return "not a readable profile"
+    if tokens is None:
+        return f"{points} points"
+    low, high = tokens
+    return f"{points} points, {low} tokens" if low == high else f"{points} points, {low}–{high} tokens"
+
+
+def describe_replacement(profile: Profile) -> str | None:
+    """What saving `profile` replaced and where that is kept, in one line (`None` when it replaced nothing)."""
+    replaced = profile.replaced
+    if replaced is None:
+        return None
+    counts = [m.num_tokens for m in profile.measurements]
+    now = _measured(len(counts), (min(counts), max(counts)) if counts else None)
+    return (
+        f"replaced the profile that was there ({_measured(replaced.points, replaced.tokens)}) with this one ({now}); "
+        f"the replaced one is kept as {replaced.backup} and its .joblib: rename both back to restore it"
+    )
+
+
 def profile_table(profile: Profile, budget_bytes: float) -> DecisionTable:
     """The decision table `auto` builds from `profile` in this process under `budget_bytes`."""
     return build_profile_table(profile.spec, profile.cost_model, registered_backends(), budget_bytes)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,6 +118,37 @@ def test_show_without_usable_profiles_says_so(files, expected, tmp_path, capsys,
     assert status == 0
     assert out.strip() == f"{expected} {tmp_path}, {tmp_path / 'no-shipped-profiles'}; run: autoexperts calibrate"
     assert [r.getMessage().split(":")[0] for r in caplog.records] == [f"skipping {tmp_path / n}" for n in files]
+
+
+def test_recalibrating_says_what_it_replaces_and_keeps_it(calibrated, tmp_path, capsys, monkeypatch):
+    from autoexperts import settings
+
+    model_dir, out, _ = calibrated
+    folder = tmp_path / "profiles"
+    shutil.copytree(out, folder)
+    json_path = next(folder.glob("*/*.json"))
+    before = json_path.read_bytes(), json_path.with_suffix(".joblib").read_bytes()
+    fewer = ["--tokens", "1,2", "--backends", "batched_mm", "--seconds-per-point", "0.01", "--no-progress"]
+    status, text, err = _main(
+        ["calibrate", "--model", str(model_dir), "--device", "cpu", "--out", str(folder), *fewer], capsys
+    )
+    assert status == 0, err
+    backup = json_path.with_name(json_path.stem + ".previous.json")
+    assert text.splitlines()[-1] == (
+        "replaced the profile that was there (18 points, 1–32 tokens) with this one (2 points, 1–2 tokens); "
+        f"the replaced one is kept as {backup} and its .joblib: rename both back to restore it"
+    )
+    assert (backup.read_bytes(), backup.with_suffix(".joblib").read_bytes()) == before
+
+    # `show` lists the new profile only; given the backup's path, it shows the backup.
+    monkeypatch.setenv("AUTOEXPERTS_PROFILE_DIR", str(folder))
+    monkeypatch.setattr(settings, "shipped_profile_dir", lambda: tmp_path / "no-shipped-profiles")
+    status, text, _ = _main(["show"], capsys)
+    assert status == 0 and [line for line in text.splitlines() if line.startswith("profile ")] == [
+        f"profile   {json_path}"
+    ]
+    status, text, _ = _main(["show", str(backup)], capsys)
+    assert status == 0 and f"profile   {backup}" in text and "fitted cost model from the .joblib" in text
 
 
 def test_presets_lists_every_preset():
@@ -324,8 +356,14 @@ def test_concurrent_calibrations_of_one_profile_all_finish(tmp_path):
     ]
     results = [(p.communicate(timeout=300), p.returncode) for p in processes]
     assert [code for _, code in results] == [0, 0, 0], [err for (_, err), _ in results]
+    # The last writer's profile and, as its backup, the one it replaced: no temporary or lock files.
     files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
-    assert len(files) == 2 and files[0].endswith(".joblib") and files[1].endswith(".json")
+    assert len(files) == 4 and [name.rsplit(".", 2)[1:] for name in files] == [
+        ["joblib"],
+        ["json"],
+        ["previous", "joblib"],
+        ["previous", "json"],
+    ], files
     with warnings.catch_warnings():
         warnings.simplefilter("error", ProfileWarning)
         loaded = load_profile(next(tmp_path.glob("*/*.json")), trusted=True)
