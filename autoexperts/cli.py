@@ -360,21 +360,28 @@ def _main(argv: list[str] | None) -> int:
             return _bench(args)
         return _presets()
     except UsageError as error:
-        print(f"autoexperts: error: {error}", file=sys.stderr)
+        _print_error(f"error: {error}")
         return 2
     except CalibrationInterrupted as interrupt:
         if interrupt.checkpoint is None:
-            print("autoexperts: interrupted before the first point was measured; nothing was written", file=sys.stderr)
+            _print_error("interrupted before the first point was measured; nothing was written")
         else:
-            print(
-                f"autoexperts: interrupted; the {interrupt.points} points measured so far are kept in "
-                f"{interrupt.checkpoint}: run the same command with --resume to go on",
-                file=sys.stderr,
+            _print_error(
+                f"interrupted; the {interrupt.points} points measured so far are kept in "
+                f"{interrupt.checkpoint}: run the same command with --resume to go on"
             )
         return 130
     except KeyboardInterrupt:
-        print("autoexperts: interrupted; nothing partial was written", file=sys.stderr)
+        _print_error("interrupted; nothing partial was written")
         return 130
+
+
+def _print_error(message: str) -> None:
+    """Prints `autoexperts: <message>` on stderr on a line of its own: an interrupted sweep leaves its progress bar
+    on the current line, and `tqdm.write` clears it first."""
+    from tqdm import tqdm
+
+    tqdm.write(f"autoexperts: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -312,12 +312,23 @@ def test_show_marks_stale_profiles(calibrated, tmp_path, capsys):
     assert status == 0 and "STALE     measured with torch 1.0.0" in text
 
 
+def _as_a_terminal_shows(text: str) -> list[str]:
+    """The lines a terminal shows for `text`: a carriage return goes back to the line's start, and what follows
+    overwrites what was there."""
+    lines = []
+    for line in text.split("\n"):
+        shown = ""
+        for segment in line.split("\r"):
+            shown = segment + shown[len(segment) :]
+        lines.append(shown.rstrip())
+    return lines
+
+
 def test_ctrl_c_keeps_measured_points_and_resume_finishes(tmp_path):
     # batched_mm alone: the quickest backend on CPU here, so the test spends its time on the interruption.
     tokens = "1,2,3,4,6,8,12,16,24,32"
     args = ["calibrate", "--device", "cpu", "--out", str(tmp_path), "--tokens", tokens, "--backends", "batched_mm"]
-    args.append("--no-progress")
-    process = subprocess.Popen(
+    process = subprocess.Popen(  # with the progress bar, which the message must not land on
         _cli_command(*args, "--seconds-per-point", "0.1"),
         stderr=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -333,12 +344,14 @@ def test_ctrl_c_keeps_measured_points_and_resume_finishes(tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "kept in" in err and "--resume" in err and "Traceback" not in err
+    message = next(line for line in _as_a_terminal_shows(err) if "kept in" in line)
+    assert message.startswith("autoexperts: interrupted; the "), repr(err)  # on a line of its own
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert [p.suffix for p in files] == [".checkpoint"]  # no profile, no temporary or lock file
     kept = json.loads(files[0].read_text())["measurements"]
     assert 0 < len(kept) < 10  # some points, not all
 
-    resumed = _cli(*args, "--seconds-per-point", "0.01", "--resume")
+    resumed = _cli(*args, "--seconds-per-point", "0.01", "--resume", "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
     profile = next(tmp_path.glob("*/*.json"))
     record = json.loads(profile.read_text())
