@@ -51,14 +51,16 @@ def _token_list(text: str) -> list[int]:
     return tokens
 
 
-def _choice_list(choices: tuple[str, ...]):
-    """A comma-list type whose items must be among `choices`."""
+def _choice_list(choices: tuple[str, ...], noun: str):
+    """A comma-list type whose items must be among `choices` (`noun` names one in the error)."""
 
     def parse(text: str) -> list[str]:
         names = _list_items(text)
         unknown = [name for name in names if name not in choices]
         if unknown:
-            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown))}: use {', '.join(choices)}")
+            raise argparse.ArgumentTypeError(
+                f"unknown {noun} {', '.join(map(repr, unknown))}: use {', '.join(choices)}"
+            )
         return names
 
     return parse
@@ -165,7 +167,7 @@ def _add_bench_parser(commands, verbose: argparse.ArgumentParser) -> None:
     bench.add_argument("--tokens", type=_token_list, help="layer sweep token counts (default: held out from the grid)")
     bench.add_argument(
         "--parts",
-        type=_choice_list(PARTS),
+        type=_choice_list(PARTS, "benchmark part"),
         default=list(PARTS),
         help=f"comma-separated parts (default: {','.join(PARTS)})",
     )

@@ -181,7 +181,7 @@ def test_presets_lists_every_preset():
         (["bench", "--tokens", "1,,2"], "empty item"),  # bench: a doubled comma in the sweep counts
         (["bench", "--parts", "sweep,"], "empty item"),  # bench: a trailing comma in the parts
         (["bench", "--parts", "sweep,sweep"], "repeats sweep"),  # bench: a repeated part
-        (["bench", "--parts", "sweep,warp"], "unknown 'warp'"),  # bench: an unknown part
+        (["bench", "--parts", "sweep,warp"], "unknown benchmark part 'warp'"),  # bench: an unknown part
         (["calibrate", "--seconds-per-point", "-1"], "positive"),  # bad timing budget
         (["calibrate", "--compile", "reduce-overhead"], "invalid choice"),  # a compile mode calibrate does not sweep
         (["calibrate", "--compile", "default", "--backends", "eager"], "cannot run under torch.compile"),  # eager
