@@ -26,21 +26,44 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _list_items(text: str) -> list[str]:
+    """The items of a comma-separated list; an empty item (`1,,2`, `1,2,`) or a repeated one is an error, so a typo
+    cannot silently shrink a calibration."""
+    items = [part.strip() for part in text.split(",")]
+    if "" in items:
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty item: give a comma-separated list without blanks")
+    repeated = sorted({item for item in items if items.count(item) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{text!r} repeats {', '.join(repeated)}")
+    return items
+
+
 def _token_list(text: str) -> list[int]:
+    items = _list_items(text)
     try:
-        tokens = [int(part) for part in text.split(",") if part.strip()]
+        tokens = [int(item) for item in items]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not tokens or min(tokens) < 1:
+    if min(tokens) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: token counts must be positive integers")
+    if len(set(tokens)) < len(tokens):  # the same count written twice, e.g. 4 and 04
+        raise argparse.ArgumentTypeError(f"{text!r} repeats a token count")
     return tokens
 
 
-def _name_list(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("give at least one backend")
-    return names
+def _choice_list(choices: tuple[str, ...], noun: str):
+    """A comma-list type whose items must be among `choices` (`noun` names one in the error)."""
+
+    def parse(text: str) -> list[str]:
+        names = _list_items(text)
+        unknown = [name for name in names if name not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown {noun} {', '.join(map(repr, unknown))}: use {', '.join(choices)}"
+            )
+        return names
+
+    return parse
 
 
 def _positive_float(text: str) -> float:
@@ -70,12 +93,20 @@ def _budget_setting(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+_VERBOSE_HELP = "log progress details (INFO) and decisions"
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="autoexperts", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO) and decisions")
+    parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
+    # `-v` is also accepted after the command; SUPPRESS keeps a command's parser from resetting one given before it.
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    calibrate = commands.add_parser("calibrate", help="measure every backend on this device and save a profile")
+    calibrate = commands.add_parser(
+        "calibrate", parents=[verbose], help="measure every backend on this device and save a profile"
+    )
     calibrate.add_argument("--model", help="a preset name, a folder or config.json, or a Hub id (default: small-moe)")
     calibrate.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     calibrate.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
@@ -83,7 +114,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--tokens", type=_token_list, help="comma-separated token counts (default: 1,2,3,4,6,...,4096)"
     )
     calibrate.add_argument(
-        "--backends", type=_name_list, help="comma-separated backends (default: eager,batched_mm,grouped_mm)"
+        "--backends", type=_list_items, help="comma-separated backends (default: eager,batched_mm,grouped_mm)"
     )
     calibrate.add_argument("--top-k", type=int, help="experts per token, when the config does not say")
     calibrate.add_argument(
@@ -106,22 +137,24 @@ def _build_parser() -> argparse.ArgumentParser:
         help="keep the points an interrupted calibration of the same layer measured (its checkpoint) and go on",
     )
 
-    show = commands.add_parser("show", help="print a profile's decision table")
+    show = commands.add_parser("show", parents=[verbose], help="print a profile's decision table")
     show.add_argument("profile", nargs="?", help="a profile .json (default: every profile auto would read)")
     show.add_argument(
         "--budget", type=_budget_setting, help=f"memory budget to apply (default: ${settings.MEMORY_BUDGET_ENV} or 0.8)"
     )
 
-    commands.add_parser("presets", help="list the built-in presets")
-    _add_bench_parser(commands)
+    commands.add_parser("presets", parents=[verbose], help="list the built-in presets")
+    _add_bench_parser(commands, verbose)
     return parser
 
 
-def _add_bench_parser(commands) -> None:
+def _add_bench_parser(commands, verbose: argparse.ArgumentParser) -> None:
     from .bench.run import COMPILE_MODES, PARTS
 
     bench = commands.add_parser(
-        "bench", help="calibrate, then time auto against every fixed backend and write JSON, Markdown and a plot"
+        "bench",
+        parents=[verbose],
+        help="calibrate, then time auto against every fixed backend and write JSON, Markdown and a plot",
     )
     bench.add_argument("--model", help="a preset name, a folder or config.json, or a Hub id (default: small-moe)")
     bench.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -133,7 +166,10 @@ def _add_bench_parser(commands) -> None:
     )
     bench.add_argument("--tokens", type=_token_list, help="layer sweep token counts (default: held out from the grid)")
     bench.add_argument(
-        "--parts", type=_name_list, default=list(PARTS), help=f"comma-separated parts (default: {','.join(PARTS)})"
+        "--parts",
+        type=_choice_list(PARTS, "benchmark part"),
+        default=list(PARTS),
+        help=f"comma-separated parts (default: {','.join(PARTS)})",
     )
     bench.add_argument("--layers", type=_positive_int, default=2, help="decoder layers of the benchmark model")
     bench.add_argument("--long-prefill", type=_positive_int, default=2048, help="tokens of the long prefill point")
@@ -187,7 +223,7 @@ def _budget(setting: tuple[str, float] | None, device_type: str) -> tuple[float,
 def _calibrate(args: argparse.Namespace) -> int:
     from .calibration.run import calibrate, resolve_device
     from .profile import default_write_dir
-    from .report import describe_profile
+    from .report import describe_profile, describe_replacement
 
     device = resolve_device(args.device)
     out = Path(args.out).expanduser() if args.out else default_write_dir()
@@ -210,6 +246,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     budget, label = _budget(None, profile.spec.device_type)
     print(describe_profile(profile, budget, label))
     print(f"\ncalibrated in {profile.metadata['sweep']['wall_seconds']:.1f} s; profile written to {profile.json_path}")
+    replacement = describe_replacement(profile)
+    if replacement is not None:
+        print(replacement)
     return 0
 
 
@@ -224,10 +263,8 @@ def _show(args: argparse.Namespace) -> int:
         paths = [path]
     else:
         paths = profile_files(search_dirs())
-        if not paths:
-            print(f"no profiles in {', '.join(str(d) for d in search_dirs())}; run: autoexperts calibrate")
-            return 0
-    for index, path in enumerate(paths):
+    shown = 0
+    for path in paths:
         try:
             profile = load_profile(path)
         except ValueError as error:
@@ -236,7 +273,11 @@ def _show(args: argparse.Namespace) -> int:
             logger.warning("skipping %s", error)
             continue
         budget, label = _budget(args.budget, profile.spec.device_type)
-        print(("\n" if index else "") + describe_profile(profile, budget, label))
+        print(("\n" if shown else "") + describe_profile(profile, budget, label))
+        shown += 1
+    if not shown:  # none found, or only unusable files (each named above)
+        usable = "usable " if paths else ""
+        print(f"no {usable}profiles in {', '.join(str(d) for d in search_dirs())}; run: autoexperts calibrate")
     return 0
 
 
@@ -321,21 +362,28 @@ def _main(argv: list[str] | None) -> int:
             return _bench(args)
         return _presets()
     except UsageError as error:
-        print(f"autoexperts: error: {error}", file=sys.stderr)
+        _print_error(f"error: {error}")
         return 2
     except CalibrationInterrupted as interrupt:
         if interrupt.checkpoint is None:
-            print("autoexperts: interrupted before the first point was measured; nothing was written", file=sys.stderr)
+            _print_error("interrupted before the first point was measured; nothing was written")
         else:
-            print(
-                f"autoexperts: interrupted; the {interrupt.points} points measured so far are kept in "
-                f"{interrupt.checkpoint}: run the same command with --resume to go on",
-                file=sys.stderr,
+            _print_error(
+                f"interrupted; the {interrupt.points} points measured so far are kept in "
+                f"{interrupt.checkpoint}: run the same command with --resume to go on"
             )
         return 130
     except KeyboardInterrupt:
-        print("autoexperts: interrupted; nothing partial was written", file=sys.stderr)
+        _print_error("interrupted; nothing partial was written")
         return 130
+
+
+def _print_error(message: str) -> None:
+    """Prints `autoexperts: <message>` on stderr on a line of its own: an interrupted sweep leaves its progress bar
+    on the current line, and `tqdm.write` clears it first."""
+    from tqdm import tqdm
+
+    tqdm.write(f"autoexperts: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

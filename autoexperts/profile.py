@@ -10,11 +10,14 @@ folder the project ships. A profile anywhere else is refit from its JSON measure
 same cost model. A damaged, mismatched or foreign-version joblib is refit likewise, with one warning.
 
 Writes are atomic (temporary file, then rename) and a file lock serialises the writers of one profile, so readers
-see a whole old or a whole new profile, and of concurrent writers the last to take the lock wins.
+see a whole old or a whole new profile, and of concurrent writers the last to take the lock wins. The lock's file
+exists only while a writer holds it. A save that replaces a profile first copies it to `<stem>.previous.{json,joblib}`
+(one generation), which no profile search reads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -30,7 +33,6 @@ from pathlib import Path
 import joblib
 import numpy as np
 import sklearn
-from filelock import FileLock
 
 from . import settings
 from .cost_model import CostModel, Measurement
@@ -38,6 +40,7 @@ from .device import device_slug
 from .errors import ProfileRefitWarning, ProfileSkippedWarning, StaleProfileWarning
 from .freshness import stale_reasons
 from .layer import LayerSpec
+from .locking import file_lock
 
 try:  # scikit-learn >= 1.3
     from sklearn.exceptions import InconsistentVersionWarning
@@ -48,11 +51,26 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 PROFILE_KIND = "autoexperts-profile"
+# The ending of the backup of a replaced profile's JSON (`<stem>.previous.json`, its joblib `<stem>.previous.joblib`).
+BACKUP_SUFFIX = ".previous.json"
 # How long a writer waits for another process writing the same profile (a write takes milliseconds).
 LOCK_TIMEOUT_S = 120
 
 _warned_lock = threading.Lock()
 _warned: set[tuple[str, str]] = set()
+
+
+@dataclasses.dataclass(frozen=True)
+class Replaced:
+    """The profile a save replaced, kept as `backup` (its `.json`, with its `.joblib` beside it).
+
+    `points` is how many measurements it held and `tokens` its smallest and largest token count (`None` when its
+    JSON could not be read).
+    """
+
+    backup: Path
+    points: int | None
+    tokens: tuple[int, int] | None
 
 
 @dataclasses.dataclass
@@ -72,6 +90,8 @@ class Profile:
     json_path: Path | None = None
     model_source: str = "fitted"
     stale: list[str] = dataclasses.field(default_factory=list)
+    # Set by `save_profile` when the save replaced a profile at the same place (kept as a backup).
+    replaced: Replaced | None = None
 
     def to_json(self) -> dict:
         return {
@@ -129,16 +149,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def write_lock(target: Path) -> FileLock:
-    """The inter-process lock that writers of the profile (or checkpoint) at `target` hold."""
-    return FileLock(target.parent / f".{target.name}.lock", timeout=LOCK_TIMEOUT_S)
+def write_lock(target: Path) -> contextlib.AbstractContextManager[None]:
+    """The inter-process lock that writers of the profile at `target` hold; its file `.<name>.lock` beside the
+    profile exists only while it is held (see `locking`)."""
+    return file_lock(target.parent / f".{target.name}.lock", LOCK_TIMEOUT_S)
 
 
 def save_profile(profile: Profile, folder: Path) -> Path:
     """Saves `profile` under `folder/<device slug>/` and returns the JSON path.
 
     Both files are written atomically while holding the profile's file lock; when several processes save the same
-    profile at once, each write is whole and the last one to take the lock wins.
+    profile at once, each write is whole and the last one to take the lock wins. A profile already at that place is
+    first copied to its backup (`backup_path`), replacing an older backup; `profile.replaced` then describes it.
     """
     target = profile_path(folder, profile.device_name, profile.stem())
     json_path, model_path = target.with_suffix(".json"), target.with_suffix(".joblib")
@@ -154,10 +176,51 @@ def save_profile(profile: Profile, folder: Path) -> Path:
     text = json.dumps(record, indent=2, sort_keys=False) + "\n"
     target.parent.mkdir(parents=True, exist_ok=True)
     with write_lock(target):
+        replaced = _back_up(json_path, model_path)
         atomic_write_bytes(model_path, model_bytes)
         atomic_write_bytes(json_path, text.encode("utf-8"))
-    profile.json_path = json_path
+    profile.json_path, profile.replaced = json_path, replaced
+    if replaced is not None:
+        logger.info(
+            "%s replaces a profile of %s points (%d now); the replaced one is kept as %s",
+            json_path,
+            "?" if replaced.points is None else replaced.points,
+            len(profile.measurements),
+            replaced.backup,
+        )
     return json_path
+
+
+def backup_path(json_path: Path) -> Path:
+    """Where the profile at `json_path` is kept once a new save replaces it: `<stem>.previous.json` (and
+    `<stem>.previous.joblib`). Profile searches never read these."""
+    return json_path.with_name(json_path.stem + BACKUP_SUFFIX)
+
+
+def is_backup(path: Path) -> bool:
+    return Path(path).name.endswith(BACKUP_SUFFIX)
+
+
+def _back_up(json_path: Path, model_path: Path) -> Replaced | None:
+    """Copies the profile at `json_path` (and its `.joblib`) to its backup, byte for byte, so that renaming the two
+    back restores it; called under the write lock, before the new files replace it. A copy rather than a move: the
+    old profile stays readable until the new one is in place."""
+    try:
+        old_record = json_path.read_bytes()
+    except FileNotFoundError:
+        return None
+    backup = backup_path(json_path)
+    backup_model = backup.with_suffix(".joblib")
+    try:
+        atomic_write_bytes(backup_model, model_path.read_bytes())
+    except FileNotFoundError:  # a JSON without its joblib: no stale joblib beside its backup either
+        backup_model.unlink(missing_ok=True)
+    atomic_write_bytes(backup, old_record)
+    try:
+        measured = [int(m["num_tokens"]) for m in json.loads(old_record)["measurements"]]
+    except (ValueError, KeyError, TypeError):  # not a profile we can read: kept all the same
+        return Replaced(backup, None, None)
+    return Replaced(backup, len(measured), (min(measured), max(measured)) if measured else None)
 
 
 def spec_from_record(record: dict) -> LayerSpec:
@@ -258,6 +321,8 @@ def _unpickled_cost_model(model_path: Path, record: dict, measurements: list[Mea
 def _load_cost_model(json_path: Path, record: dict, measurements: list[Measurement], trusted: bool | None):
     """`(cost model, where it came from)`: unpickled when trusted and sound, else refit from the measurements."""
     name = str(record.get("cost_model", {}).get("file") or json_path.stem + ".joblib")
+    if is_backup(json_path):  # a backup's JSON, copied unchanged, still names the joblib it was written with
+        name = json_path.with_suffix(".joblib").name
     model_path = json_path.with_name(Path(name).name)
     if Path(name).name != name or not name.endswith(".joblib"):
         reason = f"its JSON names an invalid model file {name!r}"
@@ -317,13 +382,14 @@ def load_profile(json_path: Path, trusted: bool | None = None) -> Profile:
 
 
 def profile_files(folders: Iterable[Path]) -> list[Path]:
-    """Every profile JSON under `folders` (one level of device folders, or flat), newest first per folder."""
+    """Every profile JSON under `folders` (one level of device folders, or flat), newest first per folder; the
+    backups of replaced profiles (`*.previous.json`) are left out."""
     found = []
     for folder in folders:
         folder = Path(folder)
         if not folder.is_dir():
             continue
-        files = [*folder.glob("*.json"), *folder.glob("*/*.json")]
+        files = [p for p in (*folder.glob("*.json"), *folder.glob("*/*.json")) if not is_backup(p)]
         found.extend(sorted(files, key=_mtime, reverse=True))
     return found
 

@@ -207,7 +207,7 @@ def _interrupt_at(monkeypatch, num_tokens):
 
 
 def _files(folder):
-    return sorted(p.name for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
+    return sorted(p.name for p in folder.rglob("*") if p.is_file())
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,6 +60,8 @@ def test_calibrate_prints_table_and_writes_profile(calibrated):
     _, out, result = calibrated
     profiles = list(out.glob("*/*.json"))
     assert len(profiles) == 1 and profiles[0].with_suffix(".joblib").is_file()
+    # Nothing else beside them: no temporary file, and no empty lock file to outlive the profile.
+    assert sorted(p.name for p in profiles[0].parent.iterdir()) == [profiles[0].stem + ".joblib", profiles[0].name]
     record = json.loads(profiles[0].read_text())
     assert record["experts"]["experts_class"] == "Qwen3MoeExperts" and record["experts"]["top_k"] == 2
     assert {m["num_tokens"] for m in record["measurements"]} == {1, 2, 4, 8, 16, 32}
@@ -95,6 +98,59 @@ def test_show_prints_the_decision_table(calibrated):
     assert listed.returncode == 0 and str(profile) in listed.stdout
 
 
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({}, "no profiles in"),  # an empty folder
+        ({"cpu/broken.json": "{not json"}, "no usable profiles in"),  # only an unreadable profile
+        ({"cpu/other.json": '{"kind": "something-else"}'}, "no usable profiles in"),  # only a foreign JSON
+    ],
+)
+def test_show_without_usable_profiles_says_so(files, expected, tmp_path, capsys, caplog, monkeypatch):
+    from autoexperts import settings
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setenv("AUTOEXPERTS_PROFILE_DIR", str(tmp_path))
+    monkeypatch.setattr(settings, "shipped_profile_dir", lambda: tmp_path / "no-shipped-profiles")
+    status, out, _ = _main(["show"], capsys)
+    assert status == 0
+    assert out.strip() == f"{expected} {tmp_path}, {tmp_path / 'no-shipped-profiles'}; run: autoexperts calibrate"
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [f"skipping {tmp_path / n}" for n in files]
+
+
+def test_recalibrating_says_what_it_replaces_and_keeps_it(calibrated, tmp_path, capsys, monkeypatch):
+    from autoexperts import settings
+
+    model_dir, out, _ = calibrated
+    folder = tmp_path / "profiles"
+    shutil.copytree(out, folder)
+    json_path = next(folder.glob("*/*.json"))
+    before = json_path.read_bytes(), json_path.with_suffix(".joblib").read_bytes()
+    fewer = ["--tokens", "1,2", "--backends", "batched_mm", "--seconds-per-point", "0.01", "--no-progress"]
+    status, text, err = _main(
+        ["calibrate", "--model", str(model_dir), "--device", "cpu", "--out", str(folder), *fewer], capsys
+    )
+    assert status == 0, err
+    backup = json_path.with_name(json_path.stem + ".previous.json")
+    assert text.splitlines()[-1] == (
+        "replaced the profile that was there (18 points, 1–32 tokens) with this one (2 points, 1–2 tokens); "
+        f"the replaced one is kept as {backup} and its .joblib: rename both back to restore it"
+    )
+    assert (backup.read_bytes(), backup.with_suffix(".joblib").read_bytes()) == before
+
+    # `show` lists the new profile only; given the backup's path, it shows the backup.
+    monkeypatch.setenv("AUTOEXPERTS_PROFILE_DIR", str(folder))
+    monkeypatch.setattr(settings, "shipped_profile_dir", lambda: tmp_path / "no-shipped-profiles")
+    status, text, _ = _main(["show"], capsys)
+    assert status == 0 and [line for line in text.splitlines() if line.startswith("profile ")] == [
+        f"profile   {json_path}"
+    ]
+    status, text, _ = _main(["show", str(backup)], capsys)
+    assert status == 0 and f"profile   {backup}" in text and "fitted cost model from the .joblib" in text
+
+
 def test_presets_lists_every_preset():
     result = _cli("presets")
     assert result.returncode == 0
@@ -109,11 +165,23 @@ def test_presets_lists_every_preset():
         (["calibrate", "--tokens", "1,x,4"], "not a comma-separated list"),  # malformed tokens
         (["calibrate", "--tokens", "0,4"], "positive"),  # non-positive tokens
         (["calibrate", "--tokens=-3"], "positive"),  # negative tokens
-        (["calibrate", "--tokens", ","], "positive"),  # no tokens at all
+        (["calibrate", "--tokens", ","], "empty item"),  # no tokens at all
+        (["calibrate", "--tokens", "1,,2"], "empty item"),  # a doubled comma (not read as 1,2)
+        (["calibrate", "--tokens", "1,2,"], "empty item"),  # a trailing comma
+        (["calibrate", "--tokens", ""], "empty item"),  # an empty list
+        (["calibrate", "--tokens", "1,2,2"], "repeats 2"),  # a repeated count
+        (["calibrate", "--tokens", "4,04"], "repeats a token count"),  # the same count written two ways
         (["calibrate", "--tokens", "2.5"], "not a comma-separated list"),  # not integers
         (["calibrate", "--device", "tpu"], "unknown device"),  # unknown device
         (["calibrate", "--dtype", "float8"], "unknown dtype"),  # unknown dtype
         (["calibrate", "--backends", "eager,warp_drive"], "unknown backend"),  # unknown backend
+        (["calibrate", "--backends", "eager,,grouped_mm"], "empty item"),  # a doubled comma
+        (["calibrate", "--backends", "eager,"], "empty item"),  # a trailing comma
+        (["calibrate", "--backends", "eager,eager"], "repeats eager"),  # a repeated backend
+        (["bench", "--tokens", "1,,2"], "empty item"),  # bench: a doubled comma in the sweep counts
+        (["bench", "--parts", "sweep,"], "empty item"),  # bench: a trailing comma in the parts
+        (["bench", "--parts", "sweep,sweep"], "repeats sweep"),  # bench: a repeated part
+        (["bench", "--parts", "sweep,warp"], "unknown benchmark part 'warp'"),  # bench: an unknown part
         (["calibrate", "--seconds-per-point", "-1"], "positive"),  # bad timing budget
         (["calibrate", "--compile", "reduce-overhead"], "invalid choice"),  # a compile mode calibrate does not sweep
         (["calibrate", "--compile", "default", "--backends", "eager"], "cannot run under torch.compile"),  # eager
@@ -124,12 +192,29 @@ def test_presets_lists_every_preset():
 )
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path, capsys):
     out = tmp_path / "out"
-    extra = ["--out", str(out)] if args[0] == "calibrate" else []
+    extra = ["--out", str(out)] if args[0] in ("calibrate", "bench") else []
     status, _, err = _main([*args, *extra], capsys)
     assert status == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], err
     assert not out.exists()  # nothing written, not even the folder
+
+
+@pytest.mark.parametrize(
+    ("args", "verbose"),
+    [
+        (["presets"], False),  # not asked for
+        (["-v", "presets"], True),  # before the command
+        (["presets", "-v"], True),  # after the command
+        (["calibrate", "--tokens", "1,2", "--verbose"], True),  # the long form, after calibrate's options
+        (["-v", "show", "--verbose"], True),  # both before and after
+        (["bench", "-v"], True),  # bench
+    ],
+)
+def test_verbose_is_accepted_before_or_after_the_command(args, verbose):
+    from autoexperts.cli import _build_parser
+
+    assert _build_parser().parse_args(args).verbose is verbose
 
 
 def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
@@ -209,6 +294,14 @@ def test_resume_from_a_foreign_checkpoint_is_a_usage_error(content, message, tmp
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [checkpoint.name]
 
 
+def test_resume_without_a_checkpoint_is_a_usage_error(tmp_path, capsys):
+    checkpoint = _checkpoint_of_default_preset(tmp_path)
+    status, _, err = _main(["calibrate", "--device", "cpu", "--out", str(tmp_path), "--resume", *FAST_SWEEP], capsys)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"no checkpoint at {checkpoint} to resume; run without --resume" in err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
 def test_show_marks_stale_profiles(calibrated, tmp_path, capsys):
     _, out, _ = calibrated
     record = json.loads(next(out.glob("*/*.json")).read_text())
@@ -219,12 +312,23 @@ def test_show_marks_stale_profiles(calibrated, tmp_path, capsys):
     assert status == 0 and "STALE     measured with torch 1.0.0" in text
 
 
+def _as_a_terminal_shows(text: str) -> list[str]:
+    """The lines a terminal shows for `text`: a carriage return goes back to the line's start, and what follows
+    overwrites what was there."""
+    lines = []
+    for line in text.split("\n"):
+        shown = ""
+        for segment in line.split("\r"):
+            shown = segment + shown[len(segment) :]
+        lines.append(shown.rstrip())
+    return lines
+
+
 def test_ctrl_c_keeps_measured_points_and_resume_finishes(tmp_path):
     # batched_mm alone: the quickest backend on CPU here, so the test spends its time on the interruption.
     tokens = "1,2,3,4,6,8,12,16,24,32"
     args = ["calibrate", "--device", "cpu", "--out", str(tmp_path), "--tokens", tokens, "--backends", "batched_mm"]
-    args.append("--no-progress")
-    process = subprocess.Popen(
+    process = subprocess.Popen(  # with the progress bar, which the message must not land on
         _cli_command(*args, "--seconds-per-point", "0.1"),
         stderr=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -240,12 +344,14 @@ def test_ctrl_c_keeps_measured_points_and_resume_finishes(tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "kept in" in err and "--resume" in err and "Traceback" not in err
-    files = [p for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
-    assert [p.suffix for p in files] == [".checkpoint"]  # no profile, no temporary file
+    message = next(line for line in _as_a_terminal_shows(err) if "kept in" in line)
+    assert message.startswith("autoexperts: interrupted; the "), repr(err)  # on a line of its own
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert [p.suffix for p in files] == [".checkpoint"]  # no profile, no temporary or lock file
     kept = json.loads(files[0].read_text())["measurements"]
     assert 0 < len(kept) < 10  # some points, not all
 
-    resumed = _cli(*args, "--seconds-per-point", "0.01", "--resume")
+    resumed = _cli(*args, "--seconds-per-point", "0.01", "--resume", "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
     profile = next(tmp_path.glob("*/*.json"))
     record = json.loads(profile.read_text())
@@ -263,8 +369,14 @@ def test_concurrent_calibrations_of_one_profile_all_finish(tmp_path):
     ]
     results = [(p.communicate(timeout=300), p.returncode) for p in processes]
     assert [code for _, code in results] == [0, 0, 0], [err for (_, err), _ in results]
-    files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
-    assert len(files) == 2 and files[0].endswith(".joblib") and files[1].endswith(".json")
+    # The last writer's profile and, as its backup, the one it replaced: no temporary or lock files.
+    files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
+    assert len(files) == 4 and [name.rsplit(".", 2)[1:] for name in files] == [
+        ["joblib"],
+        ["json"],
+        ["previous", "joblib"],
+        ["previous", "json"],
+    ], files
     with warnings.catch_warnings():
         warnings.simplefilter("error", ProfileWarning)
         loaded = load_profile(next(tmp_path.glob("*/*.json")), trusted=True)

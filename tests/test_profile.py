@@ -293,6 +293,75 @@ def test_report_marks_stale_profiles(trusted):
     assert "STALE" not in describe_profile(synthetic_profile(SPEC, CROSSOVER_CURVES), 2**30, "fixed")
 
 
+# Recalibrating: a save keeps the profile it replaces.
+
+
+def _pair(json_path):
+    return json_path.read_bytes(), json_path.with_suffix(".joblib").read_bytes()
+
+
+def test_first_save_replaces_nothing(trusted):
+    profile, json_path = trusted
+    assert profile.replaced is None
+    assert sorted(p.name for p in json_path.parent.iterdir()) == [json_path.stem + ".joblib", json_path.name]
+
+
+def test_resave_keeps_the_replaced_profile_recoverable(trusted, profile_dir):
+    full, json_path = trusted
+    before = _pair(json_path)
+    fewer = synthetic_profile(SPEC, CROSSOVER_CURVES, tokens=(1, 2))
+    assert save_profile(fewer, profile_dir) == json_path
+    backup = json_path.with_name(json_path.stem + ".previous.json")
+    assert fewer.replaced == profiles.Replaced(backup, len(full.measurements), (1, 128))
+    assert _pair(backup) == before  # byte for byte, so renaming both back restores the old profile exactly
+
+    # auto's search and show's listing read the new profile only; the backup loads on its own, from its own joblib.
+    assert profiles.profile_files(profiles.search_dirs()) == [json_path]
+    found = find_profile(SPEC, fewer.device_name, "none", profiles.search_dirs())
+    assert found.json_path == json_path and found.measurements == fewer.measurements
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProfileWarning)
+        kept = load_profile(backup)
+    assert kept.model_source == "joblib" and kept.measurements == full.measurements
+
+    backup.replace(json_path)
+    backup.with_suffix(".joblib").replace(json_path.with_suffix(".joblib"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProfileWarning)
+        restored = find_profile(SPEC, fewer.device_name, "none", profiles.search_dirs())
+    assert restored.model_source == "joblib" and restored.measurements == full.measurements
+
+
+def test_the_backup_holds_the_profile_just_replaced(trusted, profile_dir):
+    _, json_path = trusted
+    second = synthetic_profile(SPEC, CROSSOVER_CURVES, tokens=(1, 2, 4))
+    save_profile(second, profile_dir)
+    after_second = _pair(json_path)
+    third = synthetic_profile(SPEC, CROSSOVER_CURVES, tokens=(1, 2))
+    save_profile(third, profile_dir)
+    assert third.replaced.points == len(second.measurements) and third.replaced.tokens == (1, 4)
+    assert _pair(third.replaced.backup) == after_second  # one generation
+    assert len(list(json_path.parent.iterdir())) == 4
+
+
+@pytest.mark.parametrize(
+    ("damage", "points"),
+    [
+        (lambda p: p.write_text("{not json"), None),  # an unreadable JSON at this place is kept all the same
+        (lambda p: p.with_suffix(".joblib").unlink(), 24),  # no joblib (24 points kept): the backup has none either
+    ],
+)
+def test_a_damaged_profile_is_backed_up_as_it_is(trusted, profile_dir, damage, points):
+    _, json_path = trusted
+    damage(json_path)
+    old_json, had_joblib = json_path.read_bytes(), json_path.with_suffix(".joblib").exists()
+    replacement = synthetic_profile(SPEC, CROSSOVER_CURVES, tokens=(1, 2))
+    save_profile(replacement, profile_dir)
+    backup = replacement.replaced.backup
+    assert replacement.replaced.points == points and backup.read_bytes() == old_json
+    assert backup.with_suffix(".joblib").exists() == had_joblib
+
+
 # Concurrent writers.
 
 
@@ -314,13 +383,17 @@ def test_concurrent_saves_leave_one_whole_profile(profile_dir):
         thread.start()
     for thread in threads:
         thread.join()
-    files = sorted(p.name for p in profile_dir.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
-    assert len(files) == 2 and files[0].endswith(".joblib") and files[1].endswith(".json")  # no temporary files
+    json_path = next(p for p in profile_dir.rglob("*.json") if not p.name.endswith(".previous.json"))
+    backup = json_path.with_name(json_path.stem + ".previous.json")
+    pairs = [json_path, json_path.with_suffix(".joblib"), backup, backup.with_suffix(".joblib")]
+    files = sorted(p.name for p in profile_dir.rglob("*") if p.is_file())
+    assert files == sorted(p.name for p in pairs)  # the profile and its backup; no temporary or lock files
     with warnings.catch_warnings():
         warnings.simplefilter("error", ProfileWarning)
-        loaded = load_profile(next(profile_dir.rglob("*.json")))
-    assert loaded.model_source == "joblib"
+        loaded, kept = load_profile(json_path), load_profile(backup)
+    assert loaded.model_source == kept.model_source == "joblib"  # each pair is whole
     assert loaded.measurements in [p.measurements for p in candidates]
+    assert kept.measurements in [p.measurements for p in candidates]
 
 
 def test_interrupted_write_leaves_the_old_file_whole(tmp_path, monkeypatch):

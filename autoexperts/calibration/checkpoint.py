@@ -36,15 +36,12 @@ def write_checkpoint(path: Path, header: dict, measurements: list[Measurement]) 
 def read_checkpoint(path: Path, header: dict) -> list[Measurement]:
     """The points in the checkpoint at `path`, which must have been measured for `header`.
 
-    Returns:
-        `list[Measurement]`: empty when there is no checkpoint (a warning says so).
-
     Raises:
-        `UsageError`: when the checkpoint cannot be read or was measured for something else.
+        `UsageError`: when there is no checkpoint (asking to resume nothing is a mistake worth stopping for), or it
+        cannot be read, or it was measured for something else.
     """
     if not path.is_file():
-        logger.warning("no checkpoint at %s: calibrating from the first point", path)
-        return []
+        raise UsageError(f"no checkpoint at {path} to resume; run without --resume")
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         if record.get("kind") != CHECKPOINT_KIND or record.get("version") != CHECKPOINT_VERSION:

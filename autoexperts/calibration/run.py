@@ -92,7 +92,7 @@ def calibrate(
         `Profile`: the saved profile (`profile.json_path` says where).
 
     Raises:
-        `UsageError`: on bad input, or a checkpoint to resume from that was measured for something else.
+        `UsageError`: on bad input; with `resume`, when there is no checkpoint or it was measured for something else.
         `CalibrationInterrupted`: on Ctrl-C, naming the checkpoint that keeps the points measured so far.
     """
     torch_device = resolve_device(device)
