@@ -220,6 +220,13 @@ def _budget(setting: tuple[str, float] | None, device_type: str) -> tuple[float,
     return memory_budget_bytes(device, setting), label
 
 
+def _check_environment_budget() -> None:
+    try:
+        settings.memory_budget_setting(strict=True)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from .calibration.run import calibrate, resolve_device
     from .profile import default_write_dir
@@ -354,6 +361,8 @@ def _main(argv: list[str] | None) -> int:
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
         transformers_logging.set_verbosity_error()
     try:
+        if args.command in ("calibrate", "bench"):
+            _check_environment_budget()  # before measuring: calibrate prints its table under this budget at the end
         if args.command == "calibrate":
             return _calibrate(args)
         if args.command == "show":

@@ -381,3 +381,14 @@ def test_concurrent_calibrations_of_one_profile_all_finish(tmp_path):
         warnings.simplefilter("error", ProfileWarning)
         loaded = load_profile(next(tmp_path.glob("*/*.json")), trusted=True)
     assert loaded.model_source == "joblib"
+
+
+@pytest.mark.parametrize("command", ["calibrate", "bench"])
+def test_malformed_environment_budget_stops_before_measuring(command, tmp_path, monkeypatch, capsys):
+    # 1.5 was read as 1.5 bytes: now exit 2, naming the variable, before any point is measured or written.
+    monkeypatch.setenv("AUTOEXPERTS_MEMORY_BUDGET", "1.5")
+    out = tmp_path / "out"
+    status, _, err = _main([command, "--out", str(out), *FAST_SWEEP], capsys)
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and "AUTOEXPERTS_MEMORY_BUDGET" in lines[0] and "'1.5GiB'" in lines[0]
+    assert not out.exists()

@@ -162,51 +162,57 @@ def run_sweep(
 
     total = len(options.tokens) * len(options.backends) - len(done)
     bar = tqdm(total=max(total, 0), disable=not options.progress, desc="calibrating", unit="point", leave=False)
-    for num_tokens in options.tokens:
-        pending = [b for b in options.backends if (b, num_tokens) not in done]
-        if not pending:
-            continue
-        hidden_states, top_k_index, top_k_weights = routed_inputs(spec, num_tokens, device, dtype, options.seed)
-        active = []
-        for backend in pending:
-            stop = stopped.get(backend)
-            if stop is None:
-                predicted = _predicted_peak([m for m in results if m.backend == backend], num_tokens)
-                if predicted is not None and predicted > options.memory_limit_bytes:
-                    stop = stopped[backend] = (
-                        "skipped",
-                        f"predicted peak {predicted / 2**30:.2f} GiB exceeds the sweep's memory limit "
-                        f"{options.memory_limit_bytes / 2**30:.2f} GiB",
-                    )
-            if stop is not None:
-                results.append(Measurement(backend, num_tokens, stop[0], error=stop[1]))
-                bar.update()
+    try:  # an interruption closes the bar too, so a message printed next starts on a line of its own
+        for num_tokens in options.tokens:
+            pending = [b for b in options.backends if (b, num_tokens) not in done]
+            if not pending:
                 continue
-            active.append(backend)
+            hidden_states, top_k_index, top_k_weights = routed_inputs(spec, num_tokens, device, dtype, options.seed)
+            active = []
+            for backend in pending:
+                stop = stopped.get(backend)
+                if stop is None:
+                    predicted = _predicted_peak([m for m in results if m.backend == backend], num_tokens)
+                    if predicted is not None and predicted > options.memory_limit_bytes:
+                        stop = stopped[backend] = (
+                            "skipped",
+                            f"predicted peak {predicted / 2**30:.2f} GiB exceeds the sweep's memory limit "
+                            f"{options.memory_limit_bytes / 2**30:.2f} GiB",
+                        )
+                if stop is not None:
+                    results.append(Measurement(backend, num_tokens, stop[0], error=stop[1]))
+                    bar.update()
+                    continue
+                active.append(backend)
 
-        inputs = (hidden_states, top_k_index, top_k_weights)
-        times, peaks, failures = _measure_point(functions, memory_functions, module, inputs, active, device, options)
-        for backend, (status, message) in failures.items():
-            logger.info("%s failed at %d tokens (%s); it leaves the sweep", backend, num_tokens, message)
-            results.append(Measurement(backend, num_tokens, status, error=message))
-            stopped[backend] = ("skipped", f"{status} at {num_tokens} tokens")
-            active.remove(backend)
-            bar.update()
-        medians = {b: statistics.median(t) for b, t in times.items()}
-        fastest = min(medians.values(), default=None)
-        for backend in active:
-            results.append(
-                Measurement(backend, num_tokens, "ok", medians[backend], peaks[backend], tuple(times[backend]))
+            inputs = (hidden_states, top_k_index, top_k_weights)
+            times, peaks, failures = _measure_point(
+                functions, memory_functions, module, inputs, active, device, options
             )
-            bar.update()
-            slow_streak[backend] = slow_streak[backend] + 1 if medians[backend] >= options.slow_factor * fastest else 0
-            if slow_streak[backend] >= 2:
-                reason = f"at least {options.slow_factor:g}x slower than the fastest backend at two points"
-                stopped[backend] = ("slow", reason)
-                logger.info("%s leaves the sweep after %d tokens: %s", backend, num_tokens, reason)
-        del hidden_states, top_k_index, top_k_weights, inputs
-        _release_memory(device)
-        if options.on_point is not None:
-            options.on_point(sorted(results, key=lambda m: (m.num_tokens, m.backend)))
-    bar.close()
+            for backend, (status, message) in failures.items():
+                logger.info("%s failed at %d tokens (%s); it leaves the sweep", backend, num_tokens, message)
+                results.append(Measurement(backend, num_tokens, status, error=message))
+                stopped[backend] = ("skipped", f"{status} at {num_tokens} tokens")
+                active.remove(backend)
+                bar.update()
+            medians = {b: statistics.median(t) for b, t in times.items()}
+            fastest = min(medians.values(), default=None)
+            for backend in active:
+                results.append(
+                    Measurement(backend, num_tokens, "ok", medians[backend], peaks[backend], tuple(times[backend]))
+                )
+                bar.update()
+                slow_streak[backend] = (
+                    slow_streak[backend] + 1 if medians[backend] >= options.slow_factor * fastest else 0
+                )
+                if slow_streak[backend] >= 2:
+                    reason = f"at least {options.slow_factor:g}x slower than the fastest backend at two points"
+                    stopped[backend] = ("slow", reason)
+                    logger.info("%s leaves the sweep after %d tokens: %s", backend, num_tokens, reason)
+            del hidden_states, top_k_index, top_k_weights, inputs
+            _release_memory(device)
+            if options.on_point is not None:
+                options.on_point(sorted(results, key=lambda m: (m.num_tokens, m.backend)))
+    finally:
+        bar.close()
     return sorted(results, key=lambda m: (m.num_tokens, m.backend))
