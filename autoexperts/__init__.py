@@ -55,5 +55,3 @@ if _settings.log_decisions_enabled():
     _dispatch_logger.setLevel(logging.DEBUG)
 
 register()
-# A malformed AUTOEXPERTS_MEMORY_BUDGET is reported here, once, rather than at the first forward.
-_settings.memory_budget_setting()

@@ -95,8 +95,9 @@ def parse_memory_budget(text: str | float | int) -> tuple[str, float]:
 def memory_budget_setting(strict: bool = False) -> tuple[str, float]:
     """The memory budget named by `AUTOEXPERTS_MEMORY_BUDGET` (unset or empty: the default, 0.8 of free memory).
 
-    A malformed value is reported once per value with a `SettingWarning` naming the variable, and the default
-    applies (a forward never fails over a setting); `import autoexperts` checks it, so the warning comes at import.
+    A malformed value is reported once per value with a `SettingWarning` naming the variable, when the first
+    decision table is built (the first forward of an `auto` layer), and the default applies: a forward never fails
+    over a setting. The CLI reads it with `strict=True` and exits with the message instead.
 
     Args:
         strict (`bool`): raise instead (the CLI's choice: it exits with the message).

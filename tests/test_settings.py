@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -84,17 +85,27 @@ def test_empty_environment_budget_is_the_default(value, monkeypatch):
     assert memory_budget_setting(strict=True) == ("fraction", 0.8)
 
 
-def test_malformed_environment_budget_is_reported_at_import():
-    # One line at `import autoexperts`, not a traceback at the first forward.
+def test_malformed_environment_budget_is_one_line_at_the_first_forward():
+    # One warning line when the first table is built, not an 80-line traceback (and nothing at import, where the
+    # CLI, which exits with its own one line, could not show it as one line).
+    script = (
+        "import autoexperts\n"
+        "print('imported', flush=True)\n"
+        "from tests.conftest import tiny_model, logits_with, random_input_ids\n"
+        "logits_with(tiny_model('mixtral'), random_input_ids(1, 3), 'auto')\n"
+        "logits_with(tiny_model('mixtral'), random_input_ids(1, 4), 'auto')\n"
+    )
     result = subprocess.run(
-        [sys.executable, "-W", "default", "-c", "import autoexperts"],
+        [sys.executable, "-W", "default", "-W", "ignore::autoexperts.ProfileMissingWarning", "-c", script],
         env={**_environment(), "AUTOEXPERTS_MEMORY_BUDGET": "1.5"},
         capture_output=True,
         text=True,
         check=True,
+        cwd=Path(__file__).resolve().parents[1],  # where `tests.conftest` imports from
     )
     lines = [line for line in result.stderr.splitlines() if "AUTOEXPERTS_MEMORY_BUDGET" in line]
     assert len(lines) == 1 and "SettingWarning" in lines[0] and "'1.5GiB'" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr and result.stdout.startswith("imported")
 
 
 def _environment() -> dict:
