@@ -14,15 +14,12 @@ import logging
 
 import torch
 
+from .choices import CALIBRATION_MODES as CALIBRATION_MODES  # defined without torch, for the command's parser
+from .choices import DEFAULT, NONE
 from .layer import EAGER, GROUPED_MM
 
 logger = logging.getLogger(__name__)
 
-NONE = "none"
-DEFAULT = "default"
-# The modes `calibrate --compile` measures (CUDA-graph modes are not: their captured graphs are timed by the user's
-# own `reduce-overhead` runs; `auto` uses the `default` profile there).
-CALIBRATION_MODES = (NONE, DEFAULT, "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
