@@ -2,13 +2,19 @@
 
 `import autoexperts` registers `"auto"` with Transformers; every experts call then runs the backend that this device's
 calibrated profile predicts is fastest for that call's token count, within the memory budget.
+
+The import itself loads neither torch nor Transformers, so that the `autoexperts` command (which Python imports this
+package for first) answers `--help` and argument errors at once: `"auto"` joins Transformers' experts registry the
+moment that registry is imported, or at once when it already is (see `autoexperts._registration`), and the public
+names below whose modules need torch are imported on first use.
 """
 
+import importlib
 import logging
+from typing import TYPE_CHECKING
 
+from . import _registration
 from . import settings as _settings
-from .decisions import Decision, HookHandle, add_dispatch_hook, record_decisions
-from .dispatch import ProfileMissingWarning, auto_experts_forward, register, reset, set_memory_budget
 from .errors import (
     BackendFailedWarning,
     ProfileRefitWarning,
@@ -17,8 +23,6 @@ from .errors import (
     SettingWarning,
     StaleProfileWarning,
 )
-from .layer import DEFAULT_BACKENDS, LayerSpec
-from .table import Prediction
 
 __version__ = "0.1.0"
 
@@ -44,6 +48,36 @@ __all__ = [
     "set_memory_budget",
 ]
 
+# The public names whose modules import torch, imported on first access (PEP 562 `__getattr__`). Registration does
+# not wait for them: `_registration.install()` below sees to it.
+_LAZY_MODULES = {
+    "decisions": ("Decision", "HookHandle", "add_dispatch_hook", "record_decisions"),
+    "dispatch": ("ProfileMissingWarning", "auto_experts_forward", "register", "reset", "set_memory_budget"),
+    "layer": ("DEFAULT_BACKENDS", "LayerSpec"),
+    "table": ("Prediction",),
+}
+_MODULE_OF = {name: module for module, names in _LAZY_MODULES.items() for name in names}
+
+if TYPE_CHECKING:  # what static tools should see
+    from .decisions import Decision, HookHandle, add_dispatch_hook, record_decisions
+    from .dispatch import ProfileMissingWarning, auto_experts_forward, register, reset, set_memory_budget
+    from .layer import DEFAULT_BACKENDS, LayerSpec
+    from .table import Prediction
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups find it without this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_MODULE_OF})
+
+
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 if _settings.log_decisions_enabled():
@@ -54,4 +88,4 @@ if _settings.log_decisions_enabled():
     _dispatch_logger.addHandler(_printer)
     _dispatch_logger.setLevel(logging.DEBUG)
 
-register()
+_registration.install()

@@ -10,10 +10,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from transformers.utils import logging as transformers_logging
-
 from . import settings
-from .compile_mode import CALIBRATION_MODES
+from .choices import BENCH_PARTS, CALIBRATION_MODES
 from .errors import BackendFailedWarning, CalibrationInterrupted, ProfileWarning, UsageError
 
 logger = logging.getLogger(__name__)
@@ -149,8 +147,6 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_bench_parser(commands, verbose: argparse.ArgumentParser) -> None:
-    from .bench.run import COMPILE_MODES, PARTS
-
     bench = commands.add_parser(
         "bench",
         parents=[verbose],
@@ -159,7 +155,9 @@ def _add_bench_parser(commands, verbose: argparse.ArgumentParser) -> None:
     bench.add_argument("--model", help="a preset name, a folder or config.json, or a Hub id (default: small-moe)")
     bench.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
-    bench.add_argument("--compile", default="none", choices=COMPILE_MODES, help="torch.compile mode (default: none)")
+    bench.add_argument(
+        "--compile", default="none", choices=CALIBRATION_MODES, help="torch.compile mode (default: none)"
+    )
     bench.add_argument("--out", default="autoexperts-bench", help="results folder (default: ./autoexperts-bench)")
     bench.add_argument(
         "--profile-dir", help="use the profiles in this folder instead of calibrating (then calibration is not timed)"
@@ -167,9 +165,9 @@ def _add_bench_parser(commands, verbose: argparse.ArgumentParser) -> None:
     bench.add_argument("--tokens", type=_token_list, help="layer sweep token counts (default: held out from the grid)")
     bench.add_argument(
         "--parts",
-        type=_choice_list(PARTS, "benchmark part"),
-        default=list(PARTS),
-        help=f"comma-separated parts (default: {','.join(PARTS)})",
+        type=_choice_list(BENCH_PARTS, "benchmark part"),
+        default=list(BENCH_PARTS),
+        help=f"comma-separated parts (default: {','.join(BENCH_PARTS)})",
     )
     bench.add_argument("--layers", type=_positive_int, default=2, help="decoder layers of the benchmark model")
     bench.add_argument("--long-prefill", type=_positive_int, default=2048, help="tokens of the long prefill point")
@@ -358,6 +356,8 @@ def _main(argv: list[str] | None) -> int:
     if args.verbose:
         logging.getLogger("autoexperts").setLevel(logging.DEBUG)
     else:  # keep errors to our one line: third-party retries and notices only with -v
+        from transformers.utils import logging as transformers_logging  # after parsing: --help needs none of it
+
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
         transformers_logging.set_verbosity_error()
     try:

@@ -5,7 +5,7 @@ A profile is specific to a compile mode (compilation moves the crossovers). `aut
 given (`"default"`, `"max-autotune-no-cudagraphs"`, `"reduce-overhead"`, `"max-autotune"`; options passed as
 `torch.compile(options=...)` count by their effect: CUDA graphs and/or max-autotune). Other compile backends
 (`"aot_eager"`, custom ones) count as `"default"`. The detection reads Dynamo internals that have been stable from
-torch 2.11 to 2.14; when they cannot be read, the mode is `"default"`.
+torch 2.11 to 2.15; when they cannot be read, the mode is `"default"`.
 """
 
 from __future__ import annotations
@@ -14,15 +14,12 @@ import logging
 
 import torch
 
+from .choices import CALIBRATION_MODES as CALIBRATION_MODES  # defined without torch, for the command's parser
+from .choices import DEFAULT, NONE
 from .layer import EAGER, GROUPED_MM
 
 logger = logging.getLogger(__name__)
 
-NONE = "none"
-DEFAULT = "default"
-# The modes `calibrate --compile` measures (CUDA-graph modes are not: their captured graphs are timed by the user's
-# own `reduce-overhead` runs; `auto` uses the `default` profile there).
-CALIBRATION_MODES = (NONE, DEFAULT, "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
@@ -59,7 +56,7 @@ def runnable_backends(candidates: list[str], compile_mode: str, device_type: str
     """The candidates that can run in `compile_mode` on `device_type`.
 
     - `eager` is never a candidate under compilation: its loop over the experts hit is data-dependent, so it breaks
-      the graph (an error under `fullgraph=True`; measured on torch 2.11 and 2.14).
+      the graph (an error under `fullgraph=True`; measured on torch 2.11, 2.14 and 2.15).
     - `grouped_mm` is not one under CUDA-graph modes on CUDA: its kernel cannot be captured in CUDA graphs (on CPU,
       Inductor skips CUDA graphs and it runs).
     """

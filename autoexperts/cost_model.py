@@ -11,6 +11,8 @@ Per backend, fitted on one sweep's measurements:
 - **feasibility**: a backend that failed or ran out of memory at some token count is infeasible from there up.
 
 The fitted estimators are plain scikit-learn objects kept in a dict, so a saved model needs only scikit-learn to load.
+scikit-learn is imported when a model is fitted (or unpickled), not with this module: it takes longer to import than
+everything else `import autoexperts` needs, and a process whose layers have their decision tables never calls it.
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.isotonic import IsotonicRegression
-from sklearn.linear_model import LinearRegression
 
 FORMAT_VERSION = 1
 
@@ -77,6 +77,9 @@ class CostModel:
     @classmethod
     def fit(cls, measurements: Iterable[Measurement]) -> CostModel:
         """Fits one latency and one memory estimator per backend that has at least one successful point."""
+        from sklearn.isotonic import IsotonicRegression
+        from sklearn.linear_model import LinearRegression
+
         by_backend: dict[str, list[Measurement]] = {}
         for point in measurements:
             by_backend.setdefault(point.backend, []).append(point)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import platform
 
 import numpy as np
-import sklearn
 import torch
 import transformers
 
@@ -23,6 +22,8 @@ STALENESS_LIBRARIES = ("torch", "transformers")
 
 def library_versions() -> dict[str, str]:
     """The versions a new profile records."""
+    import sklearn  # not at module import: the callers (calibration, bench) fit a cost model, which imports it anyway
+
     from . import __version__  # the package sets it after importing this module
 
     return {

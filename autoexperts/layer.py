@@ -11,7 +11,6 @@ import dataclasses
 from collections.abc import Callable
 
 import torch
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 AUTO = "auto"
 EAGER = "eager"
@@ -23,9 +22,18 @@ DEFAULT_BACKENDS = (EAGER, BATCHED_MM, GROUPED_MM)
 ExpertsForward = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _experts_functions() -> dict:
+    """Transformers' experts registry, imported on use rather than with this module: importing it runs the hook that
+    registers `"auto"`, which imports `autoexperts.dispatch`, which needs this module whole (see
+    `autoexperts._registration`)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    return ALL_EXPERTS_FUNCTIONS
+
+
 def registered_backends() -> list[str]:
     """The backend names this process can dispatch to: `"eager"` and every registered one except `"auto"`."""
-    return [EAGER, *(name for name in ALL_EXPERTS_FUNCTIONS if name != AUTO)]
+    return [EAGER, *(name for name in _experts_functions() if name != AUTO)]
 
 
 def is_experts_module(module: torch.nn.Module) -> bool:
@@ -47,9 +55,10 @@ def backend_forward(name: str, experts_class: type[torch.nn.Module]) -> ExpertsF
                 f"{experts_class.__name__} has no eager forward (is it decorated with @use_experts_implementation?)"
             )
         return original_forward
-    if name == AUTO or name not in ALL_EXPERTS_FUNCTIONS:
+    functions = _experts_functions()
+    if name == AUTO or name not in functions:
         raise KeyError(f"unknown experts backend {name!r}; registered: {', '.join(registered_backends())}")
-    return ALL_EXPERTS_FUNCTIONS[name]
+    return functions[name]
 
 
 def layout_flags(module: torch.nn.Module) -> tuple[bool, bool, bool, bool]:

@@ -30,9 +30,7 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
-import joblib
 import numpy as np
-import sklearn
 
 from . import settings
 from .cost_model import CostModel, Measurement
@@ -41,11 +39,6 @@ from .errors import ProfileRefitWarning, ProfileSkippedWarning, StaleProfileWarn
 from .freshness import stale_reasons
 from .layer import LayerSpec
 from .locking import file_lock
-
-try:  # scikit-learn >= 1.3
-    from sklearn.exceptions import InconsistentVersionWarning
-except ImportError:  # pragma: no cover - older scikit-learn warns with a plain UserWarning
-    InconsistentVersionWarning = UserWarning
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +155,8 @@ def save_profile(profile: Profile, folder: Path) -> Path:
     profile at once, each write is whole and the last one to take the lock wins. A profile already at that place is
     first copied to its backup (`backup_path`), replacing an older backup; `profile.replaced` then describes it.
     """
+    import joblib  # like scikit-learn, imported only where a cost model is saved or loaded
+
     target = profile_path(folder, profile.device_name, profile.stem())
     json_path, model_path = target.with_suffix(".json"), target.with_suffix(".joblib")
     buffer = io.BytesIO()
@@ -287,6 +282,14 @@ def _unpickled_cost_model(model_path: Path, record: dict, measurements: list[Mea
     Raises:
         `ValueError`: saying why the file cannot be used (its cost model is then refit).
     """
+    import joblib
+    import sklearn
+
+    try:  # scikit-learn >= 1.3
+        from sklearn.exceptions import InconsistentVersionWarning
+    except ImportError:  # pragma: no cover - older scikit-learn warns with a plain UserWarning
+        InconsistentVersionWarning = UserWarning
+
     recorded = record.get("versions", {}).get("scikit-learn")
     if recorded and recorded != sklearn.__version__:
         # Estimators pickled by another scikit-learn may load wrongly: refit without unpickling at all.

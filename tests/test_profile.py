@@ -165,7 +165,7 @@ def test_inconsistent_sklearn_version_warning_means_refit(trusted, monkeypatch):
         )
         return real_load(source)
 
-    monkeypatch.setattr(profiles.joblib, "load", load_with_warning)
+    monkeypatch.setattr(joblib, "load", load_with_warning)  # profile.py imports joblib when it loads a model
     with pytest.warns(ProfileRefitWarning, match="InconsistentVersionWarning"):
         loaded = load_profile(json_path)
     assert loaded.model_source.startswith("refit")
@@ -210,7 +210,7 @@ def _forbid_unpickling(monkeypatch):
     def refuse(_source):
         raise AssertionError("a joblib outside the trusted folders was unpickled")
 
-    monkeypatch.setattr(profiles.joblib, "load", refuse)
+    monkeypatch.setattr(joblib, "load", refuse)
 
 
 def test_profile_outside_trusted_folders_is_refit_not_unpickled(saved, profile_dir, monkeypatch):
@@ -229,7 +229,7 @@ def test_trusted_folder_unpickles(trusted, monkeypatch):
     _, json_path = trusted
     calls = []
     real_load = joblib.load
-    monkeypatch.setattr(profiles.joblib, "load", lambda f: calls.append(f) or real_load(f))
+    monkeypatch.setattr(joblib, "load", lambda f: calls.append(f) or real_load(f))
     assert load_profile(json_path).model_source == "joblib" and len(calls) == 1
 
 

@@ -26,6 +26,7 @@ from .. import dispatch, settings
 from ..calibration.experts_layer import build_experts_layer
 from ..calibration.model_source import ModelSource, resolve_model
 from ..calibration.run import SWEEP_MEMORY_FRACTION, resolve_device, resolve_dtype
+from ..choices import BENCH_PARTS
 from ..compile_mode import CALIBRATION_MODES
 from ..device import cpu_model_name, device_name, device_slug, free_memory_bytes
 from ..dispatch import decision_table
@@ -42,7 +43,7 @@ from .targets import evaluate_targets
 logger = logging.getLogger(__name__)
 
 COMPILE_MODES = CALIBRATION_MODES
-PARTS = ("sweep", "forward", "generate", "overhead")
+PARTS = BENCH_PARTS
 
 
 @dataclass
