@@ -329,7 +329,9 @@ def test_ctrl_c_keeps_measured_points_and_resume_finishes(tmp_path):
     tokens = "1,2,3,4,6,8,12,16,24,32"
     args = ["calibrate", "--device", "cpu", "--out", str(tmp_path), "--tokens", tokens, "--backends", "batched_mm"]
     process = subprocess.Popen(  # with the progress bar, which the message must not land on
-        _cli_command(*args, "--seconds-per-point", "0.1"),
+        # Points of half a second: the sweep goes on for seconds after its first checkpoint, so even a parent that
+        # a loaded machine schedules late interrupts it mid-sweep.
+        _cli_command(*args, "--seconds-per-point", "0.5"),
         stderr=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
