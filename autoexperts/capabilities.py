@@ -85,7 +85,7 @@ def _probe_on(device: torch.device, dtype: torch.dtype) -> str:
     failure = attempt(aligned_dim)
     if failure is not None:
         logger.info("grouped_mm probe (%s, %s) failed: %s", device, dtype, failure)
-        return f"{type(failure).__name__}: {str(failure).strip().splitlines()[0]}"
+        return f"{type(failure).__name__}: {(str(failure).strip().splitlines() or [''])[0]}"
     misaligned_dim = aligned_dim + 1  # a row stride of 17 elements is no multiple of 16 bytes in any dtype
     failure = attempt(misaligned_dim)
     if failure is None:
