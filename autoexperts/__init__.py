@@ -52,16 +52,18 @@ __all__ = [
 # not wait for them: `_registration.install()` below sees to it.
 _LAZY_MODULES = {
     "decisions": ("Decision", "HookHandle", "add_dispatch_hook", "record_decisions"),
-    "dispatch": ("ProfileMissingWarning", "auto_experts_forward", "register", "reset", "set_memory_budget"),
+    "dispatch": ("auto_experts_forward", "register", "reset", "set_memory_budget"),
     "layer": ("DEFAULT_BACKENDS", "LayerSpec"),
+    "selection": ("ProfileMissingWarning",),
     "table": ("Prediction",),
 }
 _MODULE_OF = {name: module for module, names in _LAZY_MODULES.items() for name in names}
 
 if TYPE_CHECKING:  # what static tools should see
     from .decisions import Decision, HookHandle, add_dispatch_hook, record_decisions
-    from .dispatch import ProfileMissingWarning, auto_experts_forward, register, reset, set_memory_budget
+    from .dispatch import auto_experts_forward, register, reset, set_memory_budget
     from .layer import DEFAULT_BACKENDS, LayerSpec
+    from .selection import ProfileMissingWarning
     from .table import Prediction
 
 

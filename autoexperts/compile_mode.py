@@ -6,6 +6,7 @@ given (`"default"`, `"max-autotune-no-cudagraphs"`, `"reduce-overhead"`, `"max-a
 `torch.compile(options=...)` count by their effect: CUDA graphs and/or max-autotune). Other compile backends
 (`"aot_eager"`, custom ones) count as `"default"`. The detection reads Dynamo internals that have been stable from
 torch 2.11 to 2.15; when they cannot be read, the mode is `"default"`.
+Which backends a mode can run, and whose profiles it may borrow, is decided in `autoexperts.selection`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,8 @@ import torch
 
 from .choices import CALIBRATION_MODES as CALIBRATION_MODES  # defined without torch, for the command's parser
 from .choices import DEFAULT, NONE
-from .layer import EAGER, GROUPED_MM
 
 logger = logging.getLogger(__name__)
-
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def traced_compile_mode() -> str:
@@ -50,37 +48,6 @@ def traced_compile_mode() -> str:
     if cudagraphs:
         return "max-autotune" if autotune else "reduce-overhead"
     return "max-autotune-no-cudagraphs" if autotune else DEFAULT
-
-
-def runnable_backends(candidates: list[str], compile_mode: str, device_type: str) -> list[str]:
-    """The candidates that can run in `compile_mode` on `device_type`.
-
-    - `eager` is never a candidate under compilation: its loop over the experts hit is data-dependent, so it breaks
-      the graph (an error under `fullgraph=True`; measured on torch 2.11, 2.14 and 2.15).
-    - `grouped_mm` is not one under CUDA-graph modes on CUDA: its kernel cannot be captured in CUDA graphs (on CPU,
-      Inductor skips CUDA graphs and it runs).
-    """
-    if compile_mode == NONE:
-        return list(candidates)
-    excluded = {EAGER}
-    if compile_mode in CUDA_GRAPH_MODES and device_type == "cuda":
-        excluded.add(GROUPED_MM)
-    return [backend for backend in candidates if backend not in excluded]
-
-
-def profile_modes(compile_mode: str) -> tuple[str, ...]:
-    """The compile modes whose profiles may decide in `compile_mode`, best match first.
-
-    A compiled run without a profile of its own mode borrows the closest one (the `default` mode's, then the
-    uncompiled one's: its crossovers are off under compilation, but its ranking and memory still hold).
-    """
-    if compile_mode == NONE:
-        return (NONE,)
-    if compile_mode == DEFAULT:
-        return (DEFAULT, NONE)
-    if compile_mode == "max-autotune":
-        return ("max-autotune", "max-autotune-no-cudagraphs", DEFAULT, NONE)
-    return (compile_mode, DEFAULT, NONE)
 
 
 def is_compiling() -> bool:

@@ -29,26 +29,22 @@ trace uses is logged once instead.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import threading
 import traceback
 import warnings
-from collections.abc import Callable
 
 import torch
 from transformers.integrations.moe import ExpertsInterface
 
 from . import compile_mode as modes
-from . import profile as profiles
-from . import settings
-from .capabilities import unrunnable_backends
-from .cost_model import CostModel
+from . import selection, settings
 from .decisions import Decision, active_hooks
-from .device import device_name, free_memory_bytes
-from .errors import BackendFailedWarning, ProfileWarning
-from .layer import AUTO, DEFAULT_BACKENDS, EAGER, LayerSpec, backend_forward, layout_flags, registered_backends
-from .table import DecisionTable, build_fallback_table, build_profile_table
+from .device import free_memory_bytes
+from .errors import BackendFailedWarning
+from .layer import AUTO, DEFAULT_BACKENDS, backend_forward
+from .selection import LayerKey, Selection, trace_parts
+from .table import DecisionTable
 
 logger = logging.getLogger(__name__)
 
@@ -61,39 +57,28 @@ _MAX_REMEMBERED_CALLS = 1 << 10
 _graph_task_id = torch._C._current_graph_task_id
 
 _lock = threading.RLock()
-_tables: dict[tuple, _LayerDispatch] = {}
-_warned_fallback: set[tuple[LayerSpec, str]] = set()
+_tables: dict[LayerKey, _LayerDispatch] = {}
 _budget_override: tuple[str, float] | None = None
 # Bumped whenever tables must be rebuilt (new budget, new profiles); modules compare it on every call.
 _epoch = [0]
 
 
 class _LayerDispatch:
-    """One layer spec's decision table and its per-token-count cache of `(backend function, Decision)`.
+    """One layer's `Selection` and its per-token-count cache of `(backend function, Decision)`.
 
     Thread-safe: the cache and the table are replaced whole (never half-updated) under the module lock, and a
     reader works from the objects it read first.
     """
 
-    def __init__(
-        self,
-        table: DecisionTable,
-        experts_class: type,
-        profile_path: str | None,
-        rebuild: Callable[[set[str]], DecisionTable] | None = None,
-        candidates: list[str] | None = None,
-        unavailable: dict[str, str] | None = None,
-    ):
-        self.table = table
-        self.experts_class = experts_class
-        self.profile_path = profile_path
-        # The backends that may run this layer here (replacements come from these), and why others may not.
-        self.candidates = list(candidates) if candidates is not None else list(DEFAULT_BACKENDS)
-        self.unavailable = dict(unavailable or {})
-        self.reason = "; ".join(self.unavailable.values())
+    def __init__(self, selection: Selection):
+        self.selection = selection
+        self.table = selection.table
+        self.experts_class = selection.key.experts_class
+        self.profile_path = selection.profile_path
+        # The backends that may run this layer here (replacements come from these).
+        self.candidates = selection.candidates
+        self.reason = selection.reason
         self.by_tokens: dict[int, tuple] = {}
-        # Builds the table again without the given backends (after one raised at run time).
-        self.rebuild = rebuild
         self.failed: dict[str, str] = {}  # backend -> why it is no longer chosen
         # `((last token count, backend), ...)` handed to `torch.compile` traces, built on the first trace.
         self.compiled_regions: tuple | None = None
@@ -137,8 +122,7 @@ class _LayerDispatch:
             if backend in self.failed:
                 return False
             self.failed[backend] = reason
-            if self.rebuild is not None:
-                self.table = self.rebuild(set(self.failed))
+            self.table = self.selection.without(set(self.failed))
             self.by_tokens = {}
             return True
 
@@ -338,16 +322,7 @@ def _traced_backend(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_in
     The region boundaries come back from `_compiled_regions` as constants; the token count is a `SymInt` under
     dynamic shapes, so each comparison below becomes a guard and every decision region gets one graph.
     """
-    down_proj = self.down_proj
-    regions = _compiled_regions(
-        getattr(getattr(self, "config", None), "_name_or_path", "") or "",
-        type(self),
-        tuple(down_proj.shape),
-        hidden_states.dtype,
-        hidden_states.device,
-        *layout_flags(self),
-        top_k_index.shape[-1],
-    )
+    regions = _compiled_regions(trace_parts(self, hidden_states, top_k_index.shape[-1]))
     num_tokens = hidden_states.shape[0]
     backend = regions[-1][1]
     for last, name in regions[:-1]:
@@ -360,16 +335,13 @@ def _traced_backend(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_in
 # Never traced: after a graph break elsewhere, Dynamo may meet this function as a frame of its own and would otherwise
 # trace into the table building (locks, file reads, logging) instead of just running it.
 @torch.compiler.disable
-def _regions_of(
-    model_hint: str, experts_class: type, down_proj_shape: tuple, dtype: torch.dtype, device: torch.device, *rest
-) -> tuple:
-    """`((last token count, backend), ...)` of the layer's decision table for the compile mode being traced; `rest`
-    is the rest of `LayerSpec.from_parts`' arguments (layout flags, top_k)."""
-    spec = LayerSpec.from_parts(experts_class, down_proj_shape, dtype, device, *rest)
+def _regions_of(parts: tuple) -> tuple:
+    """`((last token count, backend), ...)` of the layer's decision table for the compile mode being traced; `parts`
+    is `selection.trace_parts`' tuple."""
     compile_mode = modes.traced_compile_mode()
     if compile_mode == modes.NONE:  # called outside a trace (torch.compile is not tracing): the default mode's table
         compile_mode = modes.DEFAULT
-    dispatch = _dispatch_for(spec, experts_class, torch.device(device), compile_mode, model_hint)
+    dispatch = _dispatch_for(LayerKey.from_trace_parts(parts, compile_mode))
     if dispatch.compiled_regions is None:
         # Neighbouring regions of one backend (e.g. within and over the budget) need no guard between them.
         merged: list[list] = []
@@ -382,7 +354,7 @@ def _regions_of(
         logger.debug(
             "compiled (%s): %s: %s [%s]",
             compile_mode,
-            spec.describe(),
+            dispatch.table.spec.describe(),
             ", ".join(f"up to {last:g} tokens -> {backend}" for last, backend in dispatch.compiled_regions),
             dispatch.table.regions[0].source,
         )
@@ -390,9 +362,9 @@ def _regions_of(
 
 
 @torch.compiler.assume_constant_result
-def _compiled_regions(*layer_parts) -> tuple:
-    """Runs at trace time (Dynamo calls it and keeps the result as a constant): `_regions_of(*layer_parts)`."""
-    return _regions_of(*layer_parts)
+def _compiled_regions(parts: tuple) -> tuple:
+    """Runs at trace time (Dynamo calls it and keeps the result as a constant): `_regions_of(parts)`."""
+    return _regions_of(parts)
 
 
 def memory_budget_bytes(device: torch.device, setting: tuple[str, float] | None = None) -> float:
@@ -425,13 +397,8 @@ def reset() -> None:
     """Forgets every decision table, so the next call of each layer looks for profiles and budgets anew."""
     with _lock:
         _tables.clear()
-        _warned_fallback.clear()
-        profiles.forget_warnings()
+        selection.forget_warnings()
         _epoch[0] += 1
-
-
-class ProfileMissingWarning(ProfileWarning):
-    """No calibrated profile matches a layer; `auto` uses the fallback rule until one is calibrated."""
 
 
 def decision_table(
@@ -439,95 +406,20 @@ def decision_table(
 ) -> DecisionTable:
     """The decision table `auto` uses for `module` on `device` in `compile_mode` (built on first use, then shared),
     e.g. to see what compiled code chose, where no hook runs."""
-    model_hint = getattr(getattr(module, "config", None), "_name_or_path", "") or ""
-    return _dispatch_for(LayerSpec.of(module, top_k), type(module), device, compile_mode, model_hint).table
+    return _dispatch_for(LayerKey.of(module, device, top_k, compile_mode)).table
 
 
 def _layer_dispatch(module: torch.nn.Module, device: torch.device, top_k: int) -> _LayerDispatch:
-    model_hint = getattr(getattr(module, "config", None), "_name_or_path", "") or ""
-    return _dispatch_for(LayerSpec.of(module, top_k), type(module), device, modes.NONE, model_hint)
+    return _dispatch_for(LayerKey.of(module, device, top_k))
 
 
-def _dispatch_for(
-    spec: LayerSpec, experts_class: type, device: torch.device, compile_mode: str, model_hint: str
-) -> _LayerDispatch:
-    """The shared dispatch of `spec` on `device` in `compile_mode`, built on first use."""
-    key = (spec, device, compile_mode)
+def _dispatch_for(key: LayerKey) -> _LayerDispatch:
+    """The shared dispatch of `key`'s layer, built on first use."""
     with _lock:
         dispatch = _tables.get(key)
         if dispatch is None:
-            hint = model_hint or "<model id or config folder>"
-            dispatch = _tables[key] = _build_dispatch(spec, experts_class, device, compile_mode, hint)
+            dispatch = _tables[key] = _LayerDispatch(selection.select(key, memory_budget_bytes(key.device)))
         return dispatch
-
-
-def _build_dispatch(
-    spec: LayerSpec, experts_class: type, device: torch.device, compile_mode: str, model_hint: str
-) -> _LayerDispatch:
-    budget = memory_budget_bytes(device)
-    unavailable = unrunnable_backends(spec)
-    runnable = modes.runnable_backends(registered_backends(), compile_mode, device.type)
-    candidates = [b for b in runnable if b not in unavailable]
-    for reason in unavailable.values():
-        logger.info("auto: %s: %s", spec.describe(), reason)
-    name = device_name(device)
-    stale_policy = settings.stale_profiles_policy()
-    for profile_mode in modes.profile_modes(compile_mode):
-        profile = profiles.find_profile(spec, name, profile_mode, profiles.search_dirs(), stale_policy=stale_policy)
-        if profile is None or not set(candidates) & set(profile.cost_model.backends):
-            continue
-        table = build_profile_table(spec, profile.cost_model, candidates, budget)
-        logger.info("auto: %s (compile mode %s) uses profile %s", spec.describe(), compile_mode, profile.json_path)
-        if profile_mode != compile_mode:
-            _warn_once(
-                spec,
-                compile_mode,
-                f"autoexperts: no profile for {spec.describe()} on {name} in compile mode {compile_mode}; using "
-                f"the one calibrated in mode {profile_mode} ({profile.json_path}) without "
-                f"{', '.join(sorted(set(registered_backends()) - set(candidates)))}. "
-                + _calibrate_hint(spec, device, compile_mode, model_hint),
-            )
-        rebuild = functools.partial(_table_without, spec, profile.cost_model, candidates, budget)
-        measured = [b for b in candidates if b in DEFAULT_BACKENDS or b in profile.cost_model.backends]
-        return _LayerDispatch(table, experts_class, str(profile.json_path), rebuild, measured, unavailable)
-    _warn_once(
-        spec,
-        compile_mode,
-        f"autoexperts: no profile for {spec.describe()} on {name} (compile mode {compile_mode}) in "
-        f"{', '.join(str(d) for d in profiles.search_dirs())}; using the fallback rule. "
-        + _calibrate_hint(spec, device, compile_mode, model_hint),
-    )
-    rebuild = functools.partial(_table_without, spec, None, candidates, budget)
-    defaults = [b for b in candidates if b in DEFAULT_BACKENDS]
-    table = build_fallback_table(spec, defaults, budget)
-    return _LayerDispatch(table, experts_class, None, rebuild, defaults, unavailable)
-
-
-def _table_without(
-    spec: LayerSpec, cost_model: CostModel | None, candidates: list[str], budget: float, excluded: set[str]
-) -> DecisionTable:
-    """The decision table of `spec` when the `excluded` backends may not run (eager always may, outside compile)."""
-    left = [b for b in candidates if b not in excluded] or [EAGER]
-    if cost_model is not None and set(left) & set(cost_model.backends):
-        return build_profile_table(spec, cost_model, left, budget)
-    return build_fallback_table(spec, left, budget)
-
-
-def _calibrate_hint(spec: LayerSpec, device: torch.device, compile_mode: str, model_hint: str) -> str:
-    command = f"autoexperts calibrate --model {model_hint} --device {device.type} --dtype {spec.dtype}"
-    if compile_mode != modes.NONE:
-        mode = compile_mode if compile_mode in modes.CALIBRATION_MODES else modes.DEFAULT
-        command += f" --compile {mode}"
-    return f"Calibrate this device with: {command}"
-
-
-def _warn_once(spec: LayerSpec, compile_mode: str, message: str) -> None:
-    if (spec, compile_mode) in _warned_fallback:
-        return
-    _warned_fallback.add((spec, compile_mode))
-    # A warning (shown by default, filterable) rather than a log record: the user can fix it by calibrating.
-    warnings.warn(message, ProfileMissingWarning, stacklevel=3)
-    logger.info("%s", message)
 
 
 def register() -> None:

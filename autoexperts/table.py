@@ -5,11 +5,7 @@ not fail there in calibration; a choice is kept for larger counts while it stays
 fastest, so near-ties do not split the table into noise-driven regions. When no candidate fits, the one with the
 smallest predicted memory runs (source `"over_budget"`).
 
-Without a profile, the fallback rule (source `"fallback"`):
-- on CUDA, `batched_mm` up to `FALLBACK_BATCHED_MAX_TOKENS` tokens when its weight copies
-  (tokens × top_k × one expert's weights) fit the budget, `grouped_mm` beyond;
-- on CPU and other devices, `grouped_mm` (Transformers' default);
-- where `grouped_mm` may not run: `eager` (after a runtime fault), else `batched_mm` (CUDA-graph compile modes).
+Without a profile, `autoexperts.selection.fallback_table` gives the documented fallback rule.
 """
 
 from __future__ import annotations
@@ -21,9 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cost_model import CostModel
-from .layer import BATCHED_MM, EAGER, GROUPED_MM, LayerSpec
+from .layer import LayerSpec
 
-FALLBACK_BATCHED_MAX_TOKENS = 64
 # A backend stays chosen for larger token counts while its predicted latency is within this share of the fastest's.
 TIE_TOLERANCE = 0.02
 
@@ -159,19 +154,3 @@ def build_profile_table(
         for i, backend in enumerate(candidates)
     }
     return DecisionTable(spec, _compress(choices), budget_bytes, curves)
-
-
-def build_fallback_table(spec: LayerSpec, candidates: list[str], budget_bytes: float) -> DecisionTable:
-    """The documented rule used when no profile matches `spec` (see the module docstring)."""
-    # Without grouped_mm (excluded after a runtime fault), eager; under CUDA-graph compile modes, where neither may
-    # run, batched_mm takes every count.
-    default = next((b for b in (GROUPED_MM, EAGER, BATCHED_MM) if b in candidates), candidates[0])
-    if spec.device_type != "cuda" or BATCHED_MM not in candidates:
-        return DecisionTable(spec, [Region(1, math.inf, default, "fallback")], budget_bytes)
-    # batched_mm gathers one expert's weights per (token, top-k) slot.
-    fits_budget = int(budget_bytes // (spec.top_k * spec.expert_bytes))
-    batched_max = min(FALLBACK_BATCHED_MAX_TOKENS, fits_budget)
-    if batched_max < 1:
-        return DecisionTable(spec, [Region(1, math.inf, default, "fallback")], budget_bytes)
-    regions = [Region(1, batched_max, BATCHED_MM, "fallback"), Region(batched_max + 1, math.inf, default, "fallback")]
-    return DecisionTable(spec, regions, budget_bytes)

@@ -8,6 +8,7 @@ import torch
 
 import autoexperts
 from autoexperts import compile_mode as modes
+from autoexperts import selection
 from autoexperts.calibration.run import calibrate
 from tests.conftest import CROSSOVER_CURVES, layer_spec, synthetic_profile, tiny_model
 
@@ -178,7 +179,7 @@ def _recording(function, seen):
     ],
 )
 def test_runnable_backends(compile_mode, device_type, expected):
-    assert modes.runnable_backends(["eager", "batched_mm", "grouped_mm"], compile_mode, device_type) == expected
+    assert selection.runnable_backends(["eager", "batched_mm", "grouped_mm"], compile_mode, device_type) == expected
 
 
 def test_eager_backend_really_breaks_fullgraph():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import autoexperts
-from autoexperts.table import FALLBACK_BATCHED_MAX_TOKENS
+from autoexperts.selection import FALLBACK_BATCHED_MAX_TOKENS
 from tests.conftest import CROSSOVER_CURVES, layer_spec, logits_with, random_input_ids, synthetic_profile, tiny_model
 
 MODEL_TYPES = [
@@ -97,7 +97,7 @@ def test_fallback_without_profile_warns_once(profile_dir):
 
 
 def test_fallback_rule_on_cuda_respects_budget():
-    from autoexperts.table import build_fallback_table
+    from autoexperts.selection import fallback_table as build_fallback_table
 
     spec = autoexperts.LayerSpec("X", 8, 64, 32, 2, True, False, False, False, "bfloat16", "cuda")
     generous = build_fallback_table(spec, ["eager", "batched_mm", "grouped_mm"], budget_bytes=2**40)

@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 
 from ..capabilities import unrunnable_backends
-from ..compile_mode import CALIBRATION_MODES, runnable_backends
+from ..choices import CALIBRATION_MODES
 from ..cost_model import CostModel
 from ..device import device_name, driver_version, free_memory_bytes, gpu_driver_version
 from ..errors import CalibrationInterrupted, UsageError
 from ..freshness import library_versions
 from ..layer import DEFAULT_BACKENDS, registered_backends
 from ..profile import Profile, default_write_dir, profile_path, save_profile
+from ..selection import runnable_backends
 from .checkpoint import checkpoint_path, read_checkpoint, write_checkpoint
 from .experts_layer import build_experts_layer
 from .model_source import resolve_model

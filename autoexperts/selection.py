@@ -1,0 +1,240 @@
+"""What decides a layer's backends: the one place that turns a layer into its decision table.
+
+For a `LayerKey` (the layer's spec, device and compile mode) and a memory budget, `select` gives the `Selection`:
+
+1. **Candidates**: the registered backends less those the compile mode cannot run (`runnable_backends`) and those
+   this device cannot run for this shape (`autoexperts.capabilities`).
+2. **A profile**: the first usable one calibrated for this spec and device in the compile mode, else in the closest
+   mode it may borrow (`profile_modes`), whose measured backends include a candidate: its cost model's table.
+3. **Else the fallback rule** (`fallback_table`), with one `ProfileMissingWarning` per layer and mode saying how to
+   calibrate.
+
+A backend that raised at run time is excluded afterwards with `Selection.without`, which decides again from the same
+source without it. `autoexperts.dispatch` keeps only the per-call path (lookup, hooks, failover, the traced path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import warnings
+
+import torch
+
+from . import profile as profiles
+from . import settings
+from .capabilities import unrunnable_backends
+from .choices import CALIBRATION_MODES, DEFAULT, NONE
+from .cost_model import CostModel
+from .device import device_name
+from .errors import ProfileWarning
+from .layer import BATCHED_MM, DEFAULT_BACKENDS, EAGER, GROUPED_MM, LayerSpec, layout_flags, registered_backends
+from .table import DecisionTable, Region, build_profile_table
+
+logger = logging.getLogger(__name__)
+
+# The fallback rule's batched_mm range on CUDA (Transformers switches to batched_mm for decoding likewise).
+FALLBACK_BATCHED_MAX_TOKENS = 64
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+_warned_lock = threading.Lock()
+_warned: set[tuple[LayerSpec, str]] = set()
+
+
+class ProfileMissingWarning(ProfileWarning):
+    """No calibrated profile matches a layer; `auto` uses the fallback rule until one is calibrated."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKey:
+    """What a layer's decisions depend on: its spec, its device and the compile mode it runs in.
+
+    `experts_class` (whose backends run) and `model_id` (named in warnings) ride along without taking part in
+    equality: layers of one spec share their decisions whichever model they belong to.
+    """
+
+    spec: LayerSpec
+    device: torch.device
+    compile_mode: str = NONE
+    experts_class: type = dataclasses.field(default=torch.nn.Module, compare=False)
+    model_id: str = dataclasses.field(default="", compare=False)
+
+    @classmethod
+    def of(cls, module: torch.nn.Module, device: torch.device, top_k: int, compile_mode: str = NONE) -> LayerKey:
+        """The key of an experts module called on `device` with `top_k` experts per token."""
+        return cls(LayerSpec.of(module, top_k), torch.device(device), compile_mode, type(module), model_id_of(module))
+
+    @classmethod
+    def from_trace_parts(cls, parts: tuple, compile_mode: str) -> LayerKey:
+        """The key from `trace_parts`' plain tuple (what a `torch.compile` trace hands over as a constant)."""
+        experts_class, down_proj_shape, dtype, device, flags, top_k, model_id = parts
+        spec = LayerSpec.from_parts(experts_class, down_proj_shape, dtype, device, *flags, top_k)
+        return cls(spec, torch.device(device), compile_mode, experts_class, model_id)
+
+
+def trace_parts(module: torch.nn.Module, hidden_states: torch.Tensor, top_k: int) -> tuple:
+    """A `LayerKey`'s parts as a tuple of plain values, built in traced code (Dynamo keeps them as constants)."""
+    return (
+        type(module),
+        tuple(module.down_proj.shape),
+        hidden_states.dtype,
+        hidden_states.device,
+        layout_flags(module),
+        top_k,
+        model_id_of(module),
+    )
+
+
+def model_id_of(module: torch.nn.Module) -> str:
+    """The model id or folder the module's config was loaded from ('' when unknown)."""
+    return getattr(getattr(module, "config", None), "_name_or_path", "") or ""
+
+
+@dataclasses.dataclass
+class Selection:
+    """A layer's decision table and where it came from.
+
+    Attributes:
+        key (`LayerKey`): the layer decided for.
+        table (`DecisionTable`): the token-count regions.
+        candidates (`list[str]`): the backends that may run this layer here; a failover picks among these.
+        unavailable (`dict[str, str]`): backends this device cannot run for this shape, and why.
+        profile_path (`str | None`): the profile that decided (`None` for the fallback rule).
+        cost_model (`CostModel | None`): that profile's cost model.
+        budget_bytes (`float`): the memory budget the table respects.
+    """
+
+    key: LayerKey
+    table: DecisionTable
+    candidates: list[str]
+    unavailable: dict[str, str]
+    profile_path: str | None
+    cost_model: CostModel | None
+    budget_bytes: float
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.unavailable.values())
+
+    def without(self, excluded: set[str]) -> DecisionTable:
+        """The table when the `excluded` backends may not run (eager always may, outside compile)."""
+        left = [b for b in self.candidates if b not in excluded] or [EAGER]
+        if self.cost_model is not None and set(left) & set(self.cost_model.backends):
+            return build_profile_table(self.key.spec, self.cost_model, left, self.budget_bytes)
+        return fallback_table(self.key.spec, left, self.budget_bytes)
+
+
+def select(key: LayerKey, budget_bytes: float) -> Selection:
+    """The decision table of `key`'s layer under `budget_bytes` (see the module docstring)."""
+    spec, compile_mode = key.spec, key.compile_mode
+    unavailable = unrunnable_backends(spec)
+    runnable = runnable_backends(registered_backends(), compile_mode, key.device.type)
+    candidates = [b for b in runnable if b not in unavailable]
+    for reason in unavailable.values():
+        logger.info("auto: %s: %s", spec.describe(), reason)
+    name = device_name(key.device)
+    stale_policy = settings.stale_profiles_policy()
+    for profile_mode in profile_modes(compile_mode):
+        profile = profiles.find_profile(spec, name, profile_mode, profiles.search_dirs(), stale_policy=stale_policy)
+        if profile is None or not set(candidates) & set(profile.cost_model.backends):
+            continue
+        logger.info("auto: %s (compile mode %s) uses profile %s", spec.describe(), compile_mode, profile.json_path)
+        if profile_mode != compile_mode:
+            left_out = ", ".join(sorted(set(registered_backends()) - set(candidates)))
+            _warn_once(
+                key,
+                f"autoexperts: no profile for {spec.describe()} on {name} in compile mode {compile_mode}; using "
+                f"the one calibrated in mode {profile_mode} ({profile.json_path}) without {left_out}. "
+                + calibrate_hint(key),
+            )
+        measured = [b for b in candidates if b in DEFAULT_BACKENDS or b in profile.cost_model.backends]
+        table = build_profile_table(spec, profile.cost_model, candidates, budget_bytes)
+        return Selection(key, table, measured, unavailable, str(profile.json_path), profile.cost_model, budget_bytes)
+    _warn_once(
+        key,
+        f"autoexperts: no profile for {spec.describe()} on {name} (compile mode {compile_mode}) in "
+        f"{', '.join(str(d) for d in profiles.search_dirs())}; using the fallback rule. " + calibrate_hint(key),
+    )
+    defaults = [b for b in candidates if b in DEFAULT_BACKENDS]
+    table = fallback_table(spec, defaults, budget_bytes)
+    return Selection(key, table, defaults, unavailable, None, None, budget_bytes)
+
+
+def runnable_backends(candidates: list[str], compile_mode: str, device_type: str) -> list[str]:
+    """The candidates that can run in `compile_mode` on `device_type`.
+
+    - `eager` is never a candidate under compilation: its loop over the experts hit is data-dependent, so it breaks
+      the graph (an error under `fullgraph=True`; measured on torch 2.11, 2.14 and 2.15).
+    - `grouped_mm` is not one under CUDA-graph modes on CUDA: its kernel cannot be captured in CUDA graphs (on CPU,
+      Inductor skips CUDA graphs and it runs).
+    """
+    if compile_mode == NONE:
+        return list(candidates)
+    excluded = {EAGER}
+    if compile_mode in CUDA_GRAPH_MODES and device_type == "cuda":
+        excluded.add(GROUPED_MM)
+    return [backend for backend in candidates if backend not in excluded]
+
+
+def profile_modes(compile_mode: str) -> tuple[str, ...]:
+    """The compile modes whose profiles may decide in `compile_mode`, best match first.
+
+    A compiled run without a profile of its own mode borrows the closest one (the `default` mode's, then the
+    uncompiled one's: its crossovers are off under compilation, but its ranking and memory still hold).
+    """
+    if compile_mode == NONE:
+        return (NONE,)
+    if compile_mode == DEFAULT:
+        return (DEFAULT, NONE)
+    if compile_mode == "max-autotune":
+        return ("max-autotune", "max-autotune-no-cudagraphs", DEFAULT, NONE)
+    return (compile_mode, DEFAULT, NONE)
+
+
+def fallback_table(spec: LayerSpec, candidates: list[str], budget_bytes: float) -> DecisionTable:
+    """The rule used when nothing calibrated matches `spec` (source `"fallback"`):
+
+    - on CUDA, `batched_mm` up to `FALLBACK_BATCHED_MAX_TOKENS` tokens when its weight copies (tokens × top_k × one
+      expert's weights) fit the budget, `grouped_mm` beyond;
+    - on CPU and other devices, `grouped_mm` (Transformers' default);
+    - where `grouped_mm` may not run: `eager` (after a runtime fault), else `batched_mm` (CUDA-graph compile modes).
+    """
+    default = next((b for b in (GROUPED_MM, EAGER, BATCHED_MM) if b in candidates), candidates[0])
+    if spec.device_type != "cuda" or BATCHED_MM not in candidates:
+        return DecisionTable(spec, [Region(1, math.inf, default, "fallback")], budget_bytes)
+    # batched_mm gathers one expert's weights per (token, top-k) slot.
+    fits_budget = int(budget_bytes // (spec.top_k * spec.expert_bytes))
+    batched_max = min(FALLBACK_BATCHED_MAX_TOKENS, fits_budget)
+    if batched_max < 1:
+        return DecisionTable(spec, [Region(1, math.inf, default, "fallback")], budget_bytes)
+    regions = [Region(1, batched_max, BATCHED_MM, "fallback"), Region(batched_max + 1, math.inf, default, "fallback")]
+    return DecisionTable(spec, regions, budget_bytes)
+
+
+def calibrate_hint(key: LayerKey) -> str:
+    """The command that calibrates `key`'s layer on its device and in its compile mode."""
+    model = key.model_id or "<model id or config folder>"
+    command = f"autoexperts calibrate --model {model} --device {key.device.type} --dtype {key.spec.dtype}"
+    if key.compile_mode != NONE:
+        mode = key.compile_mode if key.compile_mode in CALIBRATION_MODES else DEFAULT
+        command += f" --compile {mode}"
+    return f"Calibrate this device with: {command}"
+
+
+def _warn_once(key: LayerKey, message: str) -> None:
+    with _warned_lock:
+        if (key.spec, key.compile_mode) in _warned:
+            return
+        _warned.add((key.spec, key.compile_mode))
+    # A warning (shown by default, filterable) rather than a log record: the user can fix it by calibrating.
+    warnings.warn(message, ProfileMissingWarning, stacklevel=4)
+    logger.info("%s", message)
+
+
+def forget_warnings() -> None:
+    """Lets every missing-profile warning be given again (after `autoexperts.reset()`)."""
+    with _warned_lock:
+        _warned.clear()
+    profiles.forget_warnings()
