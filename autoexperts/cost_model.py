@@ -9,6 +9,9 @@ Per backend, fitted on one sweep's measurements:
 - **memory**: a non-negative affine fit of peak bytes on num_tokens (the transient tensors of every backend grow
   linearly with the tokens routed), which extrapolates in both directions.
 - **feasibility**: a backend that failed or ran out of memory at some token count is infeasible from there up.
+- **noise**: the median, over every successful point with at least two timings, of the spread of its timings
+  (interquartile range over median): how far apart two timings of one kernel lie on this machine. Decision tables
+  do not split a range for a predicted saving smaller than this (see `autoexperts.table`).
 
 The fitted estimators are plain scikit-learn objects kept in a dict, so a saved model needs only scikit-learn to load.
 scikit-learn is imported when a model is fitted (or unpickled), not with this module: it takes longer to import than
@@ -84,11 +87,13 @@ class CostModel:
         for point in measurements:
             by_backend.setdefault(point.backend, []).append(point)
         backends = {}
+        spreads = []
         for backend, points in by_backend.items():
             ok = sorted((p for p in points if p.status == "ok"), key=lambda p: p.num_tokens)
             failed = [p.num_tokens for p in points if p.status in ("oom", "error", "skipped")]
             if not ok:
                 continue
+            spreads += [_relative_spread(p.times_ms) for p in ok if len(p.times_ms) >= 2]
             tokens = np.array([p.num_tokens for p in ok], dtype=np.float64)
             latency = IsotonicRegression(increasing=True, out_of_bounds="clip")
             latency.fit(np.log2(tokens), np.log([max(p.median_ms, 1e-6) for p in ok]))
@@ -101,7 +106,8 @@ class CostModel:
                 "max_tokens": int(tokens.max()),
                 "infeasible_from": min((n for n in failed if n > tokens.min()), default=None),
             }
-        return cls({"format": FORMAT_VERSION, "backends": backends})
+        noise = float(np.median(spreads)) if spreads else None
+        return cls({"format": FORMAT_VERSION, "backends": backends, "noise": noise})
 
     @property
     def backends(self) -> list[str]:
@@ -130,7 +136,19 @@ class CostModel:
         tokens = np.asarray(num_tokens, dtype=np.float64).reshape(-1, 1)
         return np.maximum(self.fits["backends"][backend]["memory"].predict(tokens), 0.0)
 
+    def noise(self) -> float:
+        """The relative spread of repeated timings of one point (interquartile range over median, the median over
+        points); 0.0 when no point was timed twice, or for a model saved before it was recorded."""
+        noise = self.fits.get("noise")
+        return 0.0 if noise is None else float(noise)
+
     def memory_line(self, backend: str) -> tuple[float, float]:
         """The memory fit as `(bytes at zero tokens, bytes per token)`."""
         memory = self.fits["backends"][backend]["memory"]
         return float(memory.intercept_), float(memory.coef_[0])
+
+
+def _relative_spread(times_ms: tuple[float, ...]) -> float:
+    """The interquartile range of `times_ms` over their median."""
+    q1, median, q3 = np.percentile(times_ms, [25, 50, 75])
+    return float((q3 - q1) / median) if median > 0 else 0.0

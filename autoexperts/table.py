@@ -1,11 +1,33 @@
 """Decision tables: token-count ranges mapped to a backend, built once per layer spec and memory budget.
 
-From a profile: at every token count the fastest candidate whose predicted peak memory fits the budget and that did
-not fail there in calibration; a choice is kept for larger counts while it stays within `TIE_TOLERANCE` (2 %) of the
-fastest, so near-ties do not split the table into noise-driven regions. When no candidate fits, the one with the
-smallest predicted memory runs (source `"over_budget"`).
+From a profile (or any cost model), in two steps:
 
-Without a profile, `autoexperts.selection.fallback_table` gives the documented fallback rule.
+1. **Pointwise**: at every token count the fastest candidate whose predicted peak memory fits the budget and that did
+   not fail there in calibration; a choice is kept for larger counts while it stays within `TIE_TOLERANCE` (2 %) of
+   the fastest. When no candidate fits, the one with the smallest predicted memory runs (source `"over_budget"`).
+2. **No noise islands**: a region takes a neighbour's backend when its predicted saving over that backend, over the
+   whole region, is below the noise tolerance:
+
+       1 - sum(chosen(n) / n) / sum(neighbour(n) / n) < tolerance
+
+   summing predicted latency over the region's token counts `n`, each weighted by `1 / n` so that every scale of
+   counts (1–2, 2–4, ..., 512–1024) weighs alike. Unweighted, a region's largest counts would decide alone: a region
+   from 1 to 1000 tokens could lose a large saving at decode-sized calls for a small one at 1000 tokens.
+   - The tolerance is the larger of `NOISE_TOLERANCE` (3 %) and the cost model's own `noise()`, when it has one (for
+     a profile, the spread of its repeated timings).
+   - A neighbour qualifies only when its backend is feasible and fits the budget at every count of the region.
+     `"over_budget"` regions never merge and are never merged into, so no merge crosses one.
+   - Of two qualifying neighbours, the region is compared with the one costing less over it (its saving is smaller).
+   - The smallest saving in the table merges first; merging repeats until every region saves at least the tolerance
+     over each neighbour it could merge into.
+   Every region costs a compiled graph under `torch.compile`, and a saving within noise is no saving.
+
+Beyond the largest measured count every latency grows in proportion to the tokens, so only the token counts where a
+memory line leaves the budget or a backend fails are evaluated there; each stands for the counts up to the next (and
+counts once in the sums above: the latency ratios between backends are fixed there).
+
+Without a profile, `autoexperts.selection.fallback_table` gives the documented fallback rule (no merging: it has no
+predictions).
 """
 
 from __future__ import annotations
@@ -21,6 +43,9 @@ from .layer import LayerSpec
 
 # A backend stays chosen for larger token counts while its predicted latency is within this share of the fastest's.
 TIE_TOLERANCE = 0.02
+# A region whose predicted saving over a neighbour's backend, summed over the region, is below this share merges into
+# that neighbour (the floor: a cost model reporting a larger `noise()` raises it).
+NOISE_TOLERANCE = 0.03
 
 
 @dataclass(frozen=True)
@@ -111,6 +136,54 @@ def _sticky_fastest(latency: np.ndarray) -> np.ndarray:
     return chosen
 
 
+def noise_tolerance(cost_model) -> float:
+    """The saving below which a region merges into its neighbour: `NOISE_TOLERANCE`, or the cost model's own relative
+    noise estimate (an optional `noise()` method or `noise` number) when that is larger."""
+    noise = getattr(cost_model, "noise", None)
+    estimate = float((noise() if callable(noise) else noise) or 0.0)
+    return max(NOISE_TOLERANCE, estimate) if math.isfinite(estimate) else NOISE_TOLERANCE
+
+
+def _merge_islands(
+    choice: np.ndarray, tokens: np.ndarray, latency: np.ndarray, fits: np.ndarray, tolerance: float
+) -> np.ndarray:
+    """`choice` with every region whose saving over a neighbour is below `tolerance` merged into it (see the module
+    docstring), the smallest saving first.
+
+    Args:
+        choice (`np.ndarray`): `(num_points,)` candidate index per point, `-1` where none fits (over budget).
+        tokens (`np.ndarray`): `(num_points,)` the token count of each point.
+        latency (`np.ndarray`): `(num_candidates, num_points)` predicted latency.
+        fits (`np.ndarray`): `(num_candidates, num_points)` whether a candidate is feasible and within the budget.
+    """
+    choice = choice.copy()
+    zero = np.zeros((latency.shape[0], 1))
+    per_token = np.where(fits, latency / tokens, 0.0)  # (num_candidates, num_points): latency weighted by 1 / n
+    cost = np.hstack([zero, np.cumsum(per_token, axis=1)])  # (num_candidates, num_points + 1)
+    misfits = np.hstack([zero, np.cumsum(~fits, axis=1)])  # prefix counts: sums over [start, stop) are differences
+    while True:
+        starts = np.flatnonzero(np.diff(choice, prepend=-2))  # (num_regions,) first point of each region
+        stops = np.append(starts[1:], len(choice))
+        backends = choice[starts]
+        best = None  # (saving, region, backend it merges into)
+        for region, (start, stop, backend) in enumerate(zip(starts, stops, backends, strict=True)):
+            if backend < 0:
+                continue
+            own = cost[backend, stop] - cost[backend, start]
+            for side in (region - 1, region + 1):
+                other = backends[side] if 0 <= side < len(starts) else -1
+                if other < 0 or misfits[other, stop] - misfits[other, start] > 0:
+                    continue
+                # The cheaper neighbour gives the smaller saving, so comparing savings prefers it.
+                saving = 1.0 - own / (cost[other, stop] - cost[other, start])
+                if best is None or saving < best[0]:
+                    best = (saving, region, other)
+        if best is None or best[0] >= tolerance:
+            return choice
+        _, region, other = best
+        choice[starts[region] : stops[region]] = other
+
+
 def build_profile_table(
     spec: LayerSpec, cost_model: CostModel, candidates: list[str], budget_bytes: float
 ) -> DecisionTable:
@@ -118,6 +191,10 @@ def build_profile_table(
 
     Token counts up to the largest measured one are decided one by one; beyond it every latency grows in proportion
     to the tokens, so the ranking is fixed and only the budget cut-offs of the memory lines can change the choice.
+    Regions whose saving is within noise then merge into a neighbour (see the module docstring).
+
+    `cost_model` needs `backends`, `max_tokens`, `infeasible_from`, `latency_ms`, `peak_bytes`, `memory_line` and,
+    optionally, `noise` (a `CostModel`, or anything else that predicts the same way).
     """
     candidates = [b for b in candidates if b in cost_model.backends]
     if not candidates:
@@ -139,9 +216,10 @@ def build_profile_table(
     memory = np.stack([cost_model.peak_bytes(b, tokens) for b in candidates])
     feasible = np.stack([tokens < cost_model.infeasible_from(b) for b in candidates])
     fits = feasible & (memory <= budget_bytes)
-    fastest = _sticky_fastest(np.where(fits, latency, np.inf))
-    smallest = np.where(feasible, memory, np.inf).argmin(axis=0)
     any_fits = fits.any(axis=0)
+    pointwise = np.where(any_fits, _sticky_fastest(np.where(fits, latency, np.inf)), -1)
+    fastest = _merge_islands(pointwise, tokens, latency, fits, noise_tolerance(cost_model))
+    smallest = np.where(feasible, memory, np.inf).argmin(axis=0)
 
     choices = [
         (int(n), candidates[fastest[i]], "profile") if any_fits[i] else (int(n), candidates[smallest[i]], "over_budget")

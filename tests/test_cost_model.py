@@ -64,3 +64,25 @@ def test_points_not_run_for_being_slow_are_extrapolated_not_infeasible():
     model = CostModel.fit(points)
     assert model.infeasible_from("a") == float("inf")
     np.testing.assert_allclose(model.latency_ms("a", np.array([8])), [80.0])
+
+
+@pytest.mark.parametrize(
+    ("times", "noise"),
+    [
+        ((0.94, 1.0, 1.06), 0.06),  # quartiles 0.97 and 1.03 of a median of 1.0: a spread of 6 %, as b's
+        ((2.0, 2.0, 2.0, 2.0), 0.0),  # identical timings at a's three points outvote b's one point of 6 %
+        ((1.0,), 0.06),  # one timing per point says nothing about the spread: only b's point counts
+    ],
+)
+def test_noise_is_the_median_spread_of_repeated_timings(times, noise):
+    scale = {1: 1.0, 2: 3.0, 4: 5.0}  # each point's timings scaled alike: the spread is relative
+    middle = times[len(times) // 2]
+    points = [Measurement("a", n, "ok", s * middle, 100, tuple(s * t for t in times)) for n, s in scale.items()]
+    points.append(Measurement("b", 1, "ok", 1.0, 100, (0.94, 1.0, 1.06)))
+    assert CostModel.fit(points).noise() == pytest.approx(noise)
+
+
+def test_a_model_saved_without_noise_reports_zero():
+    fits = CostModel.fit(_points("a", [1, 2], lambda n: 1.0)).fits
+    del fits["noise"]  # as in a joblib written before the noise estimate existed
+    assert CostModel(fits).noise() == 0.0
