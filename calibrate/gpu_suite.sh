@@ -1,44 +1,113 @@
 #!/usr/bin/env bash
-# The GPU suite: the CUDA tests, then `autoexperts bench` (which calibrates first) for several presets, all within
-# one 10-minute command. Everything goes to one folder: $1, else $OUT, else ./gpu-suite-results.
+# The GPU suite: one command of under 10 minutes that runs, in order of what matters most, each step in a time box
+# of its own, so that a step that breaks or runs long costs only its own box:
+#
+#   1. the CUDA tests;
+#   2. `autoexperts calibrate` of every preset (the profiles to ship under profiles/<gpu>/);
+#   3. `autoexperts bench` on the Qwen1.5-MoE-A2.7B shape with those profiles: layer sweep, Transformers' forward grid
+#      (batch {1, 4} x sequence {16, 128}), generate() batch 1, dispatch overhead; then generate() at batch 8;
+#   4. the memory budget at work: the forward grid again under AUTOEXPERTS_MEMORY_BUDGET (batched_mm's spike);
+#   5. `autoexperts calibrate --device-model`;
+#   6. more presets' benchmarks while time is left.
 #
 #   PYTHONPATH=. bash calibrate/gpu_suite.sh "$OUT"
 #
-# Layout of the folder: env.txt, pytest-cuda.txt, <preset>.log, <device>/<preset>-bfloat16-none.{json,md,png},
-# <device>/profiles/<device>/*.json|joblib (copy <device>/profiles/* into the repository's profiles/ to ship them).
+# Everything goes to one folder ($1, else $OUT, else ./gpu-suite-results): suite.log, and results.tar.gz, rewritten
+# after every step (a device run brings back few files), holding env.txt, pytest-cuda.txt, <step>.log and the
+# results folders: profiles/<device>/ (copy into the repository's profiles/), bench-*/<device>/*.{json,md,png}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 out=${1:-${OUT:-gpu-suite-results}}
 mkdir -p "$out"
-budget_seconds=${GPU_SUITE_SECONDS:-560}  # leave room under a 600 s limit to flush files
-presets=${GPU_SUITE_PRESETS:-"qwen3-30b-a3b olmoe-1b-7b gpt-oss-20b mixtral-8x7b"}
-python=${PYTHON:-python}
+out=$(cd "$out" && pwd)
+work=${GPU_SUITE_WORK:-$(mktemp -d)}  # the results, packed into $out/results.tar.gz after every step
+budget_seconds=${GPU_SUITE_SECONDS:-570}  # the device tool's limit is 600 s: leave room to pack and return
 device=${GPU_SUITE_DEVICE:-cuda}  # cpu only to try the script itself
+dtype=${GPU_SUITE_DTYPE:-bfloat16}
+presets=${GPU_SUITE_PRESETS:-"qwen1.5-moe-a2.7b qwen3-30b-a3b olmoe-1b-7b mixtral-8x7b gpt-oss-20b deepseek-v3 solar-open-100b"}
+table_model=${GPU_SUITE_TABLE_MODEL:-qwen1.5-moe-a2.7b}
+more_benches=${GPU_SUITE_MORE_BENCHES:-"qwen3-30b-a3b gpt-oss-20b"}
+budget_demo=${GPU_SUITE_BUDGET:-4GiB}
+long_prefill=${GPU_SUITE_LONG_PREFILL:-8192}
+python=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+exec > >(tee -a "$out/suite.log") 2>&1
+
+pack() {
+    tar -czf "$out/results.tar.gz.part" -C "$work" . && mv "$out/results.tar.gz.part" "$out/results.tar.gz"
+}
+
+# step NAME CAP COMMAND...: runs COMMAND with its output in $work/NAME.log, for at most CAP seconds and never past
+# the suite's budget; skipped when under 30 s would be left for it.
+step() {
+    local name=$1 cap=$2
+    shift 2
+    local left=$((budget_seconds - SECONDS))
+    local box=$((cap < left ? cap : left))
+    if [ "$box" -lt 30 ]; then
+        echo "== $name: skipped (${left}s left)"
+        return 0
+    fi
+    echo "== $name (box ${box}s, ${SECONDS}s elapsed): $*"
+    local started=$SECONDS
+    timeout --signal INT --kill-after 10 "$box" "$@" >"$work/$name.log" 2>&1
+    local status=$?
+    echo "   exit $status after $((SECONDS - started))s"
+    grep -E "^(met|MISSED|n/a)|Error|error:" "$work/$name.log" | head -n 12
+    pack
+    return 0
+}
 
 {
     date -u
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
-    "$python" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-'transformers', transformers.__version__, 'gpu', torch.cuda.get_device_name())"
-} >"$out/env.txt" 2>&1
-cat "$out/env.txt"
+    "$python" -c "import torch, transformers, sklearn; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'transformers', transformers.__version__, 'sklearn', sklearn.__version__, \
+'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+} >"$work/env.txt" 2>&1
+cat "$work/env.txt"
 
-timeout 90 "$python" -m pytest -q -p no:cacheprovider tests/test_cuda.py >"$out/pytest-cuda.txt" 2>&1
-echo "CUDA tests: exit $? ($(tail -n 1 "$out/pytest-cuda.txt"))"
+step pytest-cuda 75 "$python" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py
 
-for preset in $presets; do
-    left=$((budget_seconds - SECONDS))
-    if [ "$left" -lt 60 ]; then
-        echo "skipping $preset: ${left}s left" | tee -a "$out/skipped.txt"
-        continue
-    fi
-    echo "== $preset (${left}s left)"
-    timeout "$left" "$python" -m autoexperts bench --model "$preset" --device "$device" --dtype bfloat16 --out "$out" \
-        --seconds-per-point 0.3 --calibration-seconds-per-point 0.25 --long-prefill 8192 --new-tokens 64 \
-        --no-progress >"$out/$preset.log" 2>&1
-    status=$?
-    echo "   exit $status after $((SECONDS))s"
-    grep -E "^(met|MISSED|n/a)" "$out/$preset.log"
+# The profiles to ship, one calibration per preset as a user runs it.
+calibrate_all() {
+    local preset
+    for preset in $presets; do
+        echo "-- calibrate $preset"
+        local started=$SECONDS
+        "$python" -m autoexperts calibrate --model "$preset" --device "$device" --dtype "$dtype" \
+            --out "$work/profiles" --seconds-per-point 0.2 --no-progress || echo "calibrate $preset: exit $?"
+        echo "-- $preset took $((SECONDS - started))s"
+    done
+}
+export -f calibrate_all
+export work presets device dtype python
+step calibrate-presets 170 bash -c calibrate_all
+
+bench() {  # bench NAME CAP [ARGS...]: `autoexperts bench` with the profiles of step 2, into $work/NAME
+    local name=$1 cap=$2
+    shift 2
+    step "$name" "$cap" "$python" -m autoexperts bench --device "$device" --dtype "$dtype" --out "$work/$name" \
+        --profile-dir "$work/profiles" --seconds-per-point 0.25 --long-prefill "$long_prefill" --prompt-length 128 \
+        --new-tokens 64 --no-progress "$@"
+}
+
+# A benchmark writes its results when it ends: one part per command, so that a part cut off by its box loses no other.
+bench table-sweep 75 --model "$table_model" --parts overhead,sweep
+bench table-forward 75 --model "$table_model" --parts forward
+bench table-generate-b1 60 --model "$table_model" --parts generate --batch-size 1
+bench table-generate-b8 60 --model "$table_model" --parts generate --batch-size 8
+AUTOEXPERTS_MEMORY_BUDGET=$budget_demo bench table-forward-budget 60 --model "$table_model" --parts forward
+
+step device-model 130 "$python" -m autoexperts calibrate --device-model --device "$device" --dtype "$dtype" \
+    --out "$work/profiles" --no-progress
+
+for preset in $more_benches; do
+    bench "sweep-$preset" 60 --model "$preset" --parts overhead,sweep
+    bench "forward-generate-$preset" 60 --model "$preset" --parts forward,generate
 done
+
 echo "suite finished in ${SECONDS}s"
+pack
