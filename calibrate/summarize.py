@@ -18,6 +18,17 @@ def _ratio(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
 
 
+def _parts(results: dict) -> str:
+    """What one run measured (the GPU suite runs one part per command): e.g. `sweep, overhead` or `generate b8`."""
+    parts = [name for key, name in _PARTS if key in results]
+    if "generation" in results:
+        parts[parts.index("generate")] = f"generate b{results['options']['batch']}"
+    return ", ".join(parts)
+
+
+_PARTS = (("layer_sweep", "sweep"), ("forward", "forward"), ("generation", "generate"), ("overhead", "overhead"))
+
+
 def _row(results: dict, folder: Path, json_path: Path) -> str:
     summary = results.get("layer_sweep", {}).get("summary", {})
     versus = summary.get("versus_fixed", {})
@@ -31,6 +42,7 @@ def _row(results: dict, folder: Path, json_path: Path) -> str:
         results["machine"]["device"],
         results["dtype"],
         results["compile_mode"],
+        _parts(results),
         _ratio(summary.get("auto_over_oracle")),
         " / ".join(
             _ratio(versus.get(b, {}).get("auto_ratio")) + ("*" if versus.get(b, {}).get("points_missing") else "")
@@ -48,7 +60,7 @@ def _row(results: dict, folder: Path, json_path: Path) -> str:
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results")
     runs = []
-    for json_path in sorted(folder.glob("*/*.json")):
+    for json_path in sorted(folder.glob("**/*.json")):
         results = json.loads(json_path.read_text(encoding="utf-8"))
         if results.get("kind") == "autoexperts-bench":
             runs.append(_row(results, folder, json_path))
@@ -58,6 +70,7 @@ def main() -> None:
         "device",
         "dtype",
         "compile",
+        "parts",
         "layer sweep: auto / oracle",
         "auto / " + " / ".join(FIXED_BACKENDS),
         "worst point regret",
