@@ -128,6 +128,11 @@ def _build_parser() -> argparse.ArgumentParser:
         default="none",
         help="measure the backends under torch.compile in this mode (dynamic shapes, fullgraph); default: none",
     )
+    calibrate.add_argument(
+        "--device-model",
+        action="store_true",
+        help="calibrate this device for every expert shape: sweep the design shapes and fit a device model",
+    )
     calibrate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     calibrate.add_argument(
         "--resume",
@@ -233,6 +238,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     out = Path(args.out).expanduser() if args.out else default_write_dir()
     _check_writable(out)
+    if args.device_model:
+        return _calibrate_device_model(args, device, out)
     if args.top_k is not None and args.top_k < 1:
         raise UsageError("--top-k must be a positive integer")
     profile = calibrate(
@@ -257,7 +264,30 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_device_model(args: argparse.Namespace, device, out: Path) -> int:
+    from .calibration.device_run import calibrate_device_model
+    from .report import describe_device_profile
+
+    given = [f"--{name.replace('_', '-')}" for name in ("model", "tokens", "backends", "top_k") if getattr(args, name)]
+    if given:
+        raise UsageError(f"--device-model sweeps its own design shapes and token counts: drop {', '.join(given)}")
+    profile = calibrate_device_model(
+        device=str(device),
+        dtype=args.dtype,
+        compile_mode=args.compile_mode,
+        out=out,
+        progress=not args.no_progress,
+        resume=args.resume,
+    )
+    budget, label = _budget(None, profile.device_type)
+    print(describe_device_profile(profile, budget, label))
+    seconds = profile.metadata["sweep"]["wall_seconds"]
+    print(f"\ncalibrated in {seconds:.1f} s; device model written to {profile.json_path}")
+    return 0
+
+
 def _show(args: argparse.Namespace) -> int:
+    from .device_profile import is_device_model_file
     from .profile import load_profile, profile_files, search_dirs
     from .report import describe_profile
 
@@ -268,7 +298,8 @@ def _show(args: argparse.Namespace) -> int:
         paths = [path]
     else:
         paths = profile_files(search_dirs())
-    shown = 0
+    shown = _show_device_models(args, [p for p in paths if is_device_model_file(p)])
+    paths = [p for p in paths if not is_device_model_file(p)]
     for path in paths:
         try:
             profile = load_profile(path)
@@ -284,6 +315,27 @@ def _show(args: argparse.Namespace) -> int:
         usable = "usable " if paths else ""
         print(f"no {usable}profiles in {', '.join(str(d) for d in search_dirs())}; run: autoexperts calibrate")
     return 0
+
+
+def _show_device_models(args: argparse.Namespace, paths: list[Path]) -> int:
+    """Prints the device models at `paths` (or, without a profile argument, every one in the search folders)."""
+    from .device_profile import device_model_files, load_device_profile
+    from .profile import search_dirs
+    from .report import describe_device_profile
+
+    shown = 0
+    for path in paths if args.profile else device_model_files(search_dirs()):
+        try:
+            profile = load_device_profile(path)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            if args.profile:
+                raise UsageError(f"{path}: {error}") from error
+            logger.warning("skipping %s: %s", path, error)
+            continue
+        budget, label = _budget(args.budget, profile.device_type)
+        print(("\n" if shown else "") + describe_device_profile(profile, budget, label))
+        shown += 1
+    return shown
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -93,7 +93,7 @@ class CostModel:
             failed = [p.num_tokens for p in points if p.status in ("oom", "error", "skipped")]
             if not ok:
                 continue
-            spreads += [_relative_spread(p.times_ms) for p in ok if len(p.times_ms) >= 2]
+            spreads += [relative_spread(p.times_ms) for p in ok if len(p.times_ms) >= 2]
             tokens = np.array([p.num_tokens for p in ok], dtype=np.float64)
             latency = IsotonicRegression(increasing=True, out_of_bounds="clip")
             latency.fit(np.log2(tokens), np.log([max(p.median_ms, 1e-6) for p in ok]))
@@ -148,7 +148,7 @@ class CostModel:
         return float(memory.intercept_), float(memory.coef_[0])
 
 
-def _relative_spread(times_ms: tuple[float, ...]) -> float:
+def relative_spread(times_ms: tuple[float, ...]) -> float:
     """The interquartile range of `times_ms` over their median."""
     q1, median, q3 = np.percentile(times_ms, [25, 50, 75])
     return float((q3 - q1) / median) if median > 0 else 0.0

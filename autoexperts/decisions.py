@@ -18,7 +18,8 @@ class Decision:
     Attributes:
         backend (`str`): the backend that ran, a Transformers backend name (`"eager"`, `"batched_mm"`, ...).
         num_tokens (`int`): the tokens in the call (rows of `hidden_states`).
-        source (`str`): `"profile"` (a calibrated profile chose), `"fallback"` (no profile matched; the documented
+        source (`str`): `"profile"` (a calibrated profile chose), `"device_model"` (no profile matched; the
+            device model predicted for this shape), `"fallback"` (no profile matched; the documented
             rule chose), `"over_budget"` (no candidate fitted the memory budget; the least memory-hungry ran) or
             `"runtime_fallback"` (the chosen backend raised for this call and this one ran in its place; hooks see
             the failed decision first, then this one).

@@ -46,6 +46,8 @@ SCHEMA_VERSION = 1
 PROFILE_KIND = "autoexperts-profile"
 # The ending of the backup of a replaced profile's JSON (`<stem>.previous.json`, its joblib `<stem>.previous.joblib`).
 BACKUP_SUFFIX = ".previous.json"
+# Device models (`autoexperts.device_profile`) lie beside profiles under this name; profile searches pass them over.
+DEVICE_MODEL_PREFIX = "device-model-"
 # How long a writer waits for another process writing the same profile (a write takes milliseconds).
 LOCK_TIMEOUT_S = 120
 
@@ -386,13 +388,17 @@ def load_profile(json_path: Path, trusted: bool | None = None) -> Profile:
 
 def profile_files(folders: Iterable[Path]) -> list[Path]:
     """Every profile JSON under `folders` (one level of device folders, or flat), newest first per folder; the
-    backups of replaced profiles (`*.previous.json`) are left out."""
+    backups of replaced profiles (`*.previous.json`) and device models (`device-model-*.json`) are left out."""
     found = []
     for folder in folders:
         folder = Path(folder)
         if not folder.is_dir():
             continue
-        files = [p for p in (*folder.glob("*.json"), *folder.glob("*/*.json")) if not is_backup(p)]
+        files = [
+            p
+            for p in (*folder.glob("*.json"), *folder.glob("*/*.json"))
+            if not is_backup(p) and not p.name.startswith(DEVICE_MODEL_PREFIX)
+        ]
         found.extend(sorted(files, key=_mtime, reverse=True))
     return found
 

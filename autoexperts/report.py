@@ -108,3 +108,63 @@ def describe_profile(profile: Profile, budget_bytes: float, budget_label: str) -
         rows.append(row)
     lines += _aligned(rows, right_aligned=1)
     return "\n".join(lines)
+
+
+def describe_device_profile(profile, budget_bytes: float, budget_label: str) -> str:
+    from .selection import device_model_table
+
+    """A device model: what it was measured on, each form's leave-one-shape-out result, and the decision table it
+    predicts for every design shape.
+
+    Args:
+        profile (`DeviceProfile`): the device model (see `autoexperts.device_profile`).
+    """
+    meta = profile.metadata
+    versions = meta.get("versions", {})
+    sweep = meta.get("sweep", {})
+    points = sum(len(s.measurements) for s in profile.shapes)
+    lines = [
+        f"device model  {profile.json_path}",
+        f"device        {profile.device_name} ({profile.device_type}), {profile.dtype}, "
+        f"compile mode {profile.compile_mode}",
+        f"measured      {meta.get('created', '?')} with torch {versions.get('torch', '?')}, transformers "
+        f"{versions.get('transformers', '?')}: {len(profile.shapes)} shapes, {points} points"
+        + (f", in {sweep['wall_seconds']:.1f} s" if "wall_seconds" in sweep else ""),
+        f"budget        {format_bytes(budget_bytes)} ({budget_label})",
+        f"form          {profile.model.form} (lowest leave-one-shape-out regret)",
+        f"margin        {profile.model.margin():.1%} predicted saving over the fallback rule's choice before "
+        "overriding it (the latency-ratio error)",
+        f"noise         {profile.model.noise():.1%} spread of repeated timings (regions saving less merge)",
+        "",
+        "leave one shape out (auto's measured total / the oracle's, per held-out design shape)",
+    ]
+    rows = [["form", "shapes", "median", "worst", "median |log error|", "of ratios"]]
+    for result in profile.model.loso:
+        if not result.get("shapes"):
+            continue
+        rows.append(
+            [
+                result["form"] + (" *" if result["form"] == profile.model.form else ""),
+                str(result["shapes"]),
+                f"{result['median_regret']:.3f}",
+                f"{result['worst_regret']:.3f}",
+                f"{result['median_abs_log_error']:.3f}",
+                f"{result.get('median_abs_log_ratio_error', math.nan):.3f}",
+            ]
+        )
+    lines += _aligned(rows)
+    lines += ["", "predicted tables of the design shapes"]
+    rows = [["experts", "hidden", "intermediate", "top_k", "layout", "table"]]
+    for shape in profile.shapes:
+        spec = shape.spec
+        table = device_model_table(spec, profile.model.for_spec(spec), registered_backends(), budget_bytes)
+        layout = ("gated" if spec.has_gate else "ungated") + (", transposed + bias" if spec.is_transposed else "")
+        regions = ", ".join(
+            f"{_range(r.first, r.last)} {r.backend}" + (" (over budget)" if r.source == "over_budget" else "")
+            for r in table.regions
+        )
+        rows.append(
+            [str(spec.num_experts), str(spec.hidden_dim), str(spec.intermediate_dim), str(spec.top_k), layout, regions]
+        )
+    lines += _aligned(rows, right_aligned=4)
+    return "\n".join(lines)

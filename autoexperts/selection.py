@@ -6,7 +6,9 @@ For a `LayerKey` (the layer's spec, device and compile mode) and a memory budget
    this device cannot run for this shape (`autoexperts.capabilities`).
 2. **A profile**: the first usable one calibrated for this spec and device in the compile mode, else in the closest
    mode it may borrow (`profile_modes`), whose measured backends include a candidate: its cost model's table.
-3. **Else the fallback rule** (`fallback_table`), with one `ProfileMissingWarning` per layer and mode saying how to
+3. **Else the device model** of this device and dtype (`autoexperts.device_model`), seen for this shape: source
+   `"device_model"`, under the same budget.
+4. **Else the fallback rule** (`fallback_table`), with one `ProfileMissingWarning` per layer and mode saying how to
    calibrate.
 
 A backend that raised at run time is excluded afterwards with `Selection.without`, which decides again from the same
@@ -41,6 +43,8 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 _warned_lock = threading.Lock()
 _warned: set[tuple[LayerSpec, str]] = set()
+# Device models read so far, per (device name, dtype, compile mode, search folders); `None` where there is none.
+_device_models: dict[tuple, object] = {}
 
 
 class ProfileMissingWarning(ProfileWarning):
@@ -102,8 +106,9 @@ class Selection:
         candidates (`list[str]`): the backends that may run this layer here; a failover picks among these.
         unavailable (`dict[str, str]`): backends this device cannot run for this shape, and why.
         profile_path (`str | None`): the profile that decided (`None` for the fallback rule).
-        cost_model (`CostModel | None`): that profile's cost model.
+        cost_model (`CostModel | None`): that profile's cost model (or the device model's view of this shape).
         budget_bytes (`float`): the memory budget the table respects.
+        source (`str`): `"profile"`, `"device_model"` or `"fallback"`.
     """
 
     key: LayerKey
@@ -113,6 +118,7 @@ class Selection:
     profile_path: str | None
     cost_model: CostModel | None
     budget_bytes: float
+    source: str = "profile"
 
     @property
     def reason(self) -> str:
@@ -122,7 +128,7 @@ class Selection:
         """The table when the `excluded` backends may not run (eager always may, outside compile)."""
         left = [b for b in self.candidates if b not in excluded] or [EAGER]
         if self.cost_model is not None and set(left) & set(self.cost_model.backends):
-            return build_profile_table(self.key.spec, self.cost_model, left, self.budget_bytes)
+            return build_profile_table(self.key.spec, self.cost_model, left, self.budget_bytes, self.source)
         return fallback_table(self.key.spec, left, self.budget_bytes)
 
 
@@ -152,14 +158,63 @@ def select(key: LayerKey, budget_bytes: float) -> Selection:
         measured = [b for b in candidates if b in DEFAULT_BACKENDS or b in profile.cost_model.backends]
         table = build_profile_table(spec, profile.cost_model, candidates, budget_bytes)
         return Selection(key, table, measured, unavailable, str(profile.json_path), profile.cost_model, budget_bytes)
+    device_selection = _device_model_selection(key, name, candidates, unavailable, budget_bytes)
+    if device_selection is not None:
+        return device_selection
     _warn_once(
         key,
         f"autoexperts: no profile for {spec.describe()} on {name} (compile mode {compile_mode}) in "
-        f"{', '.join(str(d) for d in profiles.search_dirs())}; using the fallback rule. " + calibrate_hint(key),
+        f"{', '.join(str(d) for d in profiles.search_dirs())} and no device model; using the fallback rule. "
+        + calibrate_hint(key)
+        + f" (or the whole device, for every shape: {device_model_command(key)})",
     )
     defaults = [b for b in candidates if b in DEFAULT_BACKENDS]
     table = fallback_table(spec, defaults, budget_bytes)
     return Selection(key, table, defaults, unavailable, None, None, budget_bytes)
+
+
+def _device_model_selection(
+    key: LayerKey, name: str, candidates: list[str], unavailable: dict[str, str], budget_bytes: float
+) -> Selection | None:
+    """The selection a device model of this device and dtype gives (its own compile mode's, else the closest
+    one's), or `None` when there is none."""
+    from .device_profile import find_device_profile
+
+    spec = key.spec
+    for profile_mode in profile_modes(key.compile_mode):
+        cache_key = (name, spec.dtype, profile_mode, tuple(profiles.search_dirs()))
+        if cache_key not in _device_models:
+            _device_models[cache_key] = find_device_profile(name, spec.dtype, profile_mode, profiles.search_dirs())
+        device_profile = _device_models[cache_key]
+        if device_profile is None or not set(candidates) & set(device_profile.model.backends):
+            continue
+        cost_model = device_profile.model.for_spec(spec)
+        table = device_model_table(spec, cost_model, candidates, budget_bytes)
+        _warn_once(
+            key,
+            f"autoexperts: no profile for {spec.describe()} on {name} (compile mode {key.compile_mode}); using the "
+            f"device model {device_profile.json_path} (calibrated in mode {profile_mode}, fitted on "
+            f"{len(device_profile.shapes)} other shapes). For this exact shape: " + calibrate_hint(key),
+        )
+        measured = [b for b in candidates if b in DEFAULT_BACKENDS or b in cost_model.backends]
+        path = str(device_profile.json_path)
+        return Selection(key, table, measured, unavailable, path, cost_model, budget_bytes, "device_model")
+    return None
+
+
+def device_model_table(spec: LayerSpec, cost_model, candidates: list[str], budget_bytes: float) -> DecisionTable:
+    """The table a device model's view of `spec` (`DeviceModel.for_spec`) gives: its predictions, where they save
+    more than their own error over the fallback rule's choice, else the fallback rule (source `"device_model"`)."""
+    default = fallback_table(spec, [b for b in candidates if b in DEFAULT_BACKENDS], budget_bytes)
+    return build_profile_table(spec, cost_model, candidates, budget_bytes, source="device_model", default=default)
+
+
+def device_model_command(key: LayerKey) -> str:
+    """The command that calibrates the device model for `key`'s device, dtype and compile mode."""
+    command = f"autoexperts calibrate --device-model --device {key.device.type} --dtype {key.spec.dtype}"
+    if key.compile_mode != NONE:
+        command += f" --compile {key.compile_mode if key.compile_mode in CALIBRATION_MODES else DEFAULT}"
+    return command
 
 
 def runnable_backends(candidates: list[str], compile_mode: str, device_type: str) -> list[str]:
@@ -234,7 +289,8 @@ def _warn_once(key: LayerKey, message: str) -> None:
 
 
 def forget_warnings() -> None:
-    """Lets every missing-profile warning be given again (after `autoexperts.reset()`)."""
+    """Lets every missing-profile warning be given again and device models be read anew (`autoexperts.reset()`)."""
     with _warned_lock:
         _warned.clear()
+        _device_models.clear()
     profiles.forget_warnings()

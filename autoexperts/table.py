@@ -184,17 +184,46 @@ def _merge_islands(
         choice[starts[region] : stops[region]] = other
 
 
+def _margin(cost_model) -> float:
+    margin = getattr(cost_model, "margin", None)
+    value = float((margin() if callable(margin) else margin) or 0.0)
+    return value if math.isfinite(value) and value > 0 else 0.0
+
+
+def _favour_default(
+    latency: np.ndarray, tokens: np.ndarray, candidates: list[str], default: DecisionTable, margin: float
+) -> np.ndarray:
+    """`latency` `(num_candidates, num_points)` with the `default` table's backend's latency divided by
+    `1 + margin` at each point: the latency the choice is made on (pointwise and when merging islands alike)."""
+    effective = latency.copy()
+    for region in default.regions:
+        if region.backend in candidates:
+            inside = (tokens >= region.first) & (tokens <= region.last)
+            effective[candidates.index(region.backend), inside] /= 1.0 + margin
+    return effective
+
+
 def build_profile_table(
-    spec: LayerSpec, cost_model: CostModel, candidates: list[str], budget_bytes: float
+    spec: LayerSpec,
+    cost_model: CostModel,
+    candidates: list[str],
+    budget_bytes: float,
+    source: str = "profile",
+    default: DecisionTable | None = None,
 ) -> DecisionTable:
-    """The table a profile's cost model gives for `candidates` under `budget_bytes`.
+    """The table a cost model gives for `candidates` under `budget_bytes`; its regions' source is `source`
+    (`"profile"`, or `"device_model"` for a device model's view of the shape), `"over_budget"` where nothing fits.
 
     Token counts up to the largest measured one are decided one by one; beyond it every latency grows in proportion
     to the tokens, so the ranking is fixed and only the budget cut-offs of the memory lines can change the choice.
     Regions whose saving is within noise then merge into a neighbour (see the module docstring).
 
     `cost_model` needs `backends`, `max_tokens`, `infeasible_from`, `latency_ms`, `peak_bytes`, `memory_line` and,
-    optionally, `noise` (a `CostModel`, or anything else that predicts the same way).
+    optionally, `noise` and `margin` (a `CostModel`, or anything else that predicts the same way).
+
+    With a `default` table (the fallback rule's, for a device model's predictions), the choice (pointwise and when
+    merging) is made as if its backend were `1 + cost_model.margin()` times faster than predicted: predictions for a
+    shape never measured override the default only where they save more than their own error.
     """
     candidates = [b for b in candidates if b in cost_model.backends]
     if not candidates:
@@ -217,12 +246,16 @@ def build_profile_table(
     feasible = np.stack([tokens < cost_model.infeasible_from(b) for b in candidates])
     fits = feasible & (memory <= budget_bytes)
     any_fits = fits.any(axis=0)
-    pointwise = np.where(any_fits, _sticky_fastest(np.where(fits, latency, np.inf)), -1)
-    fastest = _merge_islands(pointwise, tokens, latency, fits, noise_tolerance(cost_model))
+    # The latency the choice is made on: the predictions, the default's backend favoured by the margin.
+    effective = (
+        latency if default is None else _favour_default(latency, tokens, candidates, default, _margin(cost_model))
+    )
+    pointwise = np.where(any_fits, _sticky_fastest(np.where(fits, effective, np.inf)), -1)
+    fastest = _merge_islands(pointwise, tokens, effective, fits, noise_tolerance(cost_model))
     smallest = np.where(feasible, memory, np.inf).argmin(axis=0)
 
     choices = [
-        (int(n), candidates[fastest[i]], "profile") if any_fits[i] else (int(n), candidates[smallest[i]], "over_budget")
+        (int(n), candidates[fastest[i]], source) if any_fits[i] else (int(n), candidates[smallest[i]], "over_budget")
         for i, n in enumerate(tokens)
     ]
     curves = {
