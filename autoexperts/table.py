@@ -8,11 +8,13 @@ From a profile (or any cost model), in two steps:
 2. **No noise islands**: a region takes a neighbour's backend when its predicted saving over that backend, over the
    whole region, is below the noise tolerance:
 
-       1 - sum(chosen(n) / n) / sum(neighbour(n) / n) < tolerance
+       1 - sum(chosen(n) / neighbour(n) / n) / sum(1 / n)
 
-   summing predicted latency over the region's token counts `n`, each weighted by `1 / n` so that every scale of
-   counts (1–2, 2–4, ..., 512–1024) weighs alike. Unweighted, a region's largest counts would decide alone: a region
-   from 1 to 1000 tokens could lose a large saving at decode-sized calls for a small one at 1000 tokens.
+   the mean of the predicted latency ratio over the region's token counts `n`, each weighted by `1 / n` so that every
+   scale of counts (1–2, 2–4, ..., 512–1024) weighs alike (the counts are decided one by one, so an octave holds
+   as many counts as it spans). A ratio, not a sum of latencies: summed latencies let the largest counts decide
+   alone (they cost the most), and a region from 1 to 4000 tokens that halves every decode-sized call would merge
+   away for a 2 % loss at 4000.
    - The tolerance is the larger of `NOISE_TOLERANCE` (3 %) and the cost model's own `noise()`, when it has one (for
      a profile, the spread of its repeated timings).
    - A neighbour qualifies only when its backend is feasible and fits the budget at every count of the region.
@@ -157,10 +159,15 @@ def _merge_islands(
         fits (`np.ndarray`): `(num_candidates, num_points)` whether a candidate is feasible and within the budget.
     """
     choice = choice.copy()
-    zero = np.zeros((latency.shape[0], 1))
-    per_token = np.where(fits, latency / tokens, 0.0)  # (num_candidates, num_points): latency weighted by 1 / n
-    cost = np.hstack([zero, np.cumsum(per_token, axis=1)])  # (num_candidates, num_points + 1)
-    misfits = np.hstack([zero, np.cumsum(~fits, axis=1)])  # prefix counts: sums over [start, stop) are differences
+    num_candidates = latency.shape[0]
+    weights = 1.0 / tokens  # (num_points,)
+    weight_sums = np.concatenate([[0.0], np.cumsum(weights)])  # prefix sums: sums over [start, stop) are differences
+    # ratio_sums[a, b]: prefix sums of latency[a] / latency[b] / n where both fit (elsewhere b cannot take the region).
+    both = fits[:, None, :] & fits[None, :, :]  # (num_candidates, num_candidates, num_points)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(both, latency[:, None, :] / latency[None, :, :], 0.0) * weights
+    ratio_sums = np.concatenate([np.zeros((num_candidates, num_candidates, 1)), np.cumsum(ratios, axis=2)], axis=2)
+    misfits = np.concatenate([np.zeros((num_candidates, 1)), np.cumsum(~fits, axis=1)], axis=1)
     while True:
         starts = np.flatnonzero(np.diff(choice, prepend=-2))  # (num_regions,) first point of each region
         stops = np.append(starts[1:], len(choice))
@@ -169,13 +176,13 @@ def _merge_islands(
         for region, (start, stop, backend) in enumerate(zip(starts, stops, backends, strict=True)):
             if backend < 0:
                 continue
-            own = cost[backend, stop] - cost[backend, start]
+            weight = weight_sums[stop] - weight_sums[start]
             for side in (region - 1, region + 1):
                 other = backends[side] if 0 <= side < len(starts) else -1
                 if other < 0 or misfits[other, stop] - misfits[other, start] > 0:
                     continue
                 # The cheaper neighbour gives the smaller saving, so comparing savings prefers it.
-                saving = 1.0 - own / (cost[other, stop] - cost[other, start])
+                saving = 1.0 - (ratio_sums[backend, other, stop] - ratio_sums[backend, other, start]) / weight
                 if best is None or saving < best[0]:
                     best = (saving, region, other)
         if best is None or best[0] >= tolerance:
