@@ -9,13 +9,15 @@ import sys
 import pytest
 import torch
 
-from autoexperts.bench.analysis import ContenderRun, PointResult, sweep_summary
+from autoexperts.bench.analysis import SLOW_PICK_FACTOR, ContenderRun, PointResult, choice_totals, sweep_summary
 from autoexperts.bench.layer_sweep import held_out_tokens
 from autoexperts.bench.run import BenchOptions, run_benchmark
 from autoexperts.bench.targets import evaluate_targets
 from autoexperts.calibration.run import calibrate
 from autoexperts.calibration.sweep import default_token_grid
-from tests.conftest import tiny_config
+from autoexperts.selection import device_model_table
+from tests.conftest import layer_spec, tiny_config, tiny_model
+from tests.test_device_model import BACKENDS, save_synthetic_device_model
 
 
 def _point(num_tokens, auto_backend, **samples):
@@ -83,6 +85,28 @@ def test_sweep_summary_compares_each_backend_over_the_points_where_it_ran():
     assert summary["oracle_picks"] == 2
 
 
+@pytest.mark.parametrize(
+    ("picks", "total", "oracle_picks", "untimed"),
+    [
+        (["batched_mm", "grouped_mm", "grouped_mm"], 1 + 20 + 50, 3, 0),  # the oracle everywhere
+        (["grouped_mm", "eager", "grouped_mm"], 2 + 30 + 50, 1, 0),  # two timed wrong picks
+        (["batched_mm", "grouped_mm", "eager"], 1 + 20 + SLOW_PICK_FACTOR * 50, 2, 1),  # eager was dropped as slow
+        (["batched_mm", "batched_mm", "grouped_mm"], float("inf"), 2, 1),  # batched_mm was over the memory limit
+    ],
+)
+def test_choice_totals_read_each_pick_off_the_fixed_backends_timings(picks, total, oracle_picks, untimed):
+    slow = ContenderRun(status="slow", note="8x")
+    points = [
+        _point(4, "batched_mm", eager=[4], batched_mm=[1], grouped_mm=[2], auto=[1.1]),
+        _point(400, "grouped_mm", eager=[30], batched_mm=[], grouped_mm=[20], auto=[21]),
+        PointResult("4000", 4000, {"eager": slow, "grouped_mm": ContenderRun(samples_ms=[50])}, "grouped_mm"),
+    ]
+    totals = choice_totals(points, {"chooser": picks})["chooser"]
+    assert totals["total_ms"] == pytest.approx(total)
+    assert totals["over_oracle"] == pytest.approx(total / 71)
+    assert (totals["oracle_picks"], totals["untimed_picks"]) == (oracle_picks, untimed)
+
+
 def test_targets_flag_misses_and_strict_comparisons():
     points = [
         _point(4, "batched_mm", eager=[4], batched_mm=[1], grouped_mm=[2], auto=[1.02]),
@@ -115,6 +139,7 @@ def test_benchmark_writes_consistent_json_markdown_and_plot(tiny_model_folder, t
     profiles = tmp_path / "bench-profiles"
     calibrate(str(tiny_model_folder), "cpu", "float32", [1, 2, 4, 8, 16], out=profiles, progress=False,
               seconds_per_point=0.005)  # fmt: skip
+    device_model = save_synthetic_device_model(profiles)  # so the sweep also shows auto with the device model
     options = BenchOptions(
         model=str(tiny_model_folder), device="cpu", out=tmp_path / "results", profile_dir=profiles,
         sweep_tokens=[3, 6, 12], long_prefill=32, prompt_length=8, new_tokens=3, generate_rounds=1,
@@ -130,6 +155,12 @@ def test_benchmark_writes_consistent_json_markdown_and_plot(tiny_model_folder, t
         assert point["oracle"] == min(fixed, key=fixed.get)
         assert point["regret"] == pytest.approx(point["runs"]["auto"]["median_ms"] / min(fixed.values()) - 1)
         assert point["auto_backend"] in fixed
+    compared = written["layer_sweep"]["device_model"]
+    assert compared["path"] == str(device_model.json_path)
+    spec = layer_spec(tiny_model("qwen3_moe"))
+    table = device_model_table(spec, device_model.model.for_spec(spec), BACKENDS, written["budget_bytes"])
+    assert compared["picks"] == [table.region_for(n).backend for n in (3, 6, 12)]
+    assert compared["totals"]["profile"]["oracle_picks"] == written["layer_sweep"]["summary"]["oracle_picks"]
     assert [p["num_tokens"] for p in written["forward"]] == [1, 16, 128, 64, 512, 32]
     assert written["generation"]["same_tokens_as_eager"]["eager"] is True
     assert sum(written["generation"]["auto_decisions"].values()) == 3  # one prefill and two decode steps
@@ -139,6 +170,7 @@ def test_benchmark_writes_consistent_json_markdown_and_plot(tiny_model_folder, t
         markdown = file.read()
     assert "| Implementation | Mean | Median | P90 latency | Peak Mem | vs best fixed |" in markdown
     assert "## 1. Layer sweep" in markdown and "## 3. generate()" in markdown
+    assert "| auto with the device model |" in markdown
     if importlib.util.find_spec("matplotlib") is None:  # the optional extra: no plot, and no error
         assert "plot" not in results["files"]
         return

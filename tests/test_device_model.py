@@ -1,5 +1,6 @@
 """The device model: fitted on shapes, it predicts unseen ones; `auto` uses it between a profile and the fallback."""
 
+import dataclasses
 import json
 import random
 import warnings
@@ -130,7 +131,7 @@ def test_the_default_backend_is_kept_within_the_models_own_error(synthetic_model
     assert [(r.backend, r.source) for r in table.regions] == [("grouped_mm", "device_model")]
 
 
-def _save_synthetic_device_model(folder, model=None):
+def save_synthetic_device_model(folder, model=None):
     shapes = _synthetic_shapes(_design_specs())
     model = model or DeviceModel.fit(shapes, BACKENDS)
     profile = DeviceProfile(
@@ -142,12 +143,12 @@ def _save_synthetic_device_model(folder, model=None):
         model=model,
         metadata={"created": "2026-12-03T00:00:00+00:00", "versions": {}, "sweep": {"wall_seconds": 1.0}},
     )
-    return save_device_profile(profile, folder)
+    return dataclasses.replace(profile, json_path=save_device_profile(profile, folder))
 
 
 @pytest.mark.parametrize(("batch", "seq"), [(1, 1), (1, 3), (2, 40)])  # decode, small prefill, larger prefill
 def test_auto_uses_the_device_model_end_to_end(profile_dir, synthetic_model, batch, seq):
-    _save_synthetic_device_model(profile_dir, synthetic_model)
+    save_synthetic_device_model(profile_dir, synthetic_model)
     dispatch.reset()
     model = tiny_model("qwen3_moe")
     spec = layer_spec(model)
@@ -166,7 +167,7 @@ def test_auto_uses_the_device_model_end_to_end(profile_dir, synthetic_model, bat
 
 
 def test_an_exact_profile_comes_before_the_device_model(profile_dir, save, synthetic_model):
-    _save_synthetic_device_model(profile_dir, synthetic_model)
+    save_synthetic_device_model(profile_dir, synthetic_model)
     model = tiny_model("qwen3_moe")
     save(synthetic_profile(layer_spec(model), CROSSOVER_CURVES))
     with autoexperts.record_decisions() as decisions, torch.no_grad():
@@ -175,7 +176,7 @@ def test_an_exact_profile_comes_before_the_device_model(profile_dir, save, synth
 
 
 def test_the_memory_budget_applies_to_the_device_model(profile_dir, synthetic_model):
-    _save_synthetic_device_model(profile_dir, synthetic_model)
+    save_synthetic_device_model(profile_dir, synthetic_model)
     model = tiny_model("qwen3_moe")
     spec = layer_spec(model)
     unlimited = device_model_table(spec, synthetic_model.for_spec(spec), BACKENDS, float("inf"))

@@ -147,3 +147,40 @@ def sweep_summary(points: list[PointResult]) -> dict:
         "worst_choice_regret_tokens": worst_choice_tokens,
         "oracle_picks": sum(1 for p in scored if p.auto_backend == p.oracle()[0]),
     }
+
+
+# What a pick the benchmark did not time costs: dropped as slow means at least this many times the fastest (the layer
+# sweep's `slow_factor`); skipped over the memory limit or failed costs infinity.
+SLOW_PICK_FACTOR = 8.0
+
+
+def choice_totals(points: list[PointResult], choices: dict[str, list[str]]) -> dict:
+    """Each named chooser's total over a sweep, from the measured medians of the fixed backends it picked.
+
+    `choices` maps a chooser (e.g. `"profile"`, `"device_model"`) to its backend at each point of `points`. Both are
+    read off the same timings, so their ratio is free of the noise between two timings of one kernel.
+
+    Returns:
+        `{chooser: {"total_ms", "over_oracle", "oracle_picks", "untimed_picks"}}` over the points with an oracle.
+    """
+    scored = [(i, p) for i, p in enumerate(points) if p.oracle() is not None]
+    oracle_total = sum(p.oracle()[1] for _, p in scored)
+    totals = {}
+    for name, picks in choices.items():
+        total, hits, untimed = 0.0, 0, 0
+        for i, point in scored:
+            pick, (best, best_ms) = picks[i], point.oracle()
+            run = point.runs.get(pick)
+            if point.median(pick) is not None:
+                total += point.median(pick)
+            else:
+                untimed += 1
+                total += SLOW_PICK_FACTOR * best_ms if run is not None and run.status == "slow" else float("inf")
+            hits += pick == best
+        totals[name] = {
+            "total_ms": total,
+            "over_oracle": total / oracle_total if scored else None,
+            "oracle_picks": hits,
+            "untimed_picks": untimed,
+        }
+    return totals

@@ -110,7 +110,35 @@ def _sweep(sweep: dict) -> list[str]:
         "the others. *Regret* is auto's median over the oracle's minus 1; *choice regret* uses the median of "
         "the fixed backend auto chose, so it shows a wrong pick without the noise of a second timing.",
     ]
-    return lines
+    return lines + _device_model_lines(sweep)
+
+
+def _device_model_lines(sweep: dict) -> list[str]:
+    """`auto` with the device model beside `auto` with the exact profile, when the benchmark found a device model."""
+    compared = sweep.get("device_model")
+    if not compared:
+        return []
+    totals = compared["totals"]
+    rows = [
+        [
+            label,
+            _ms(totals[name]["total_ms"]),
+            _ratio(totals[name]["over_oracle"]),
+            f"{totals[name]['oracle_picks']} of {len(compared['picks'])}",
+        ]
+        for name, label in (("profile", "auto with the exact profile"), ("device_model", "auto with the device model"))
+    ]
+    regions = ", ".join(
+        f"{r['first']}–{'∞' if r['last'] is None else r['last']} {r['backend']}" for r in compared["regions"]
+    )
+    return [
+        "",
+        f"**Without the exact profile**: the device model ({compared['form']} form, `{compared['path']}`) gives "
+        f"{regions}. Both choosers' totals below are read off the fixed backends' medians above (a pick that was not "
+        "timed there counts 8× the oracle when dropped as slow):",
+        "",
+        *_table(["chooser", "total", "/ oracle", "oracle picks"], rows),
+    ]
 
 
 def _contender_rows(point: dict, extra=None) -> list[list[str]]:

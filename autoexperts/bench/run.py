@@ -25,16 +25,16 @@ from tqdm.auto import tqdm
 from .. import dispatch, settings
 from ..calibration.experts_layer import build_experts_layer
 from ..calibration.model_source import ModelSource, resolve_model
-from ..calibration.run import SWEEP_MEMORY_FRACTION, resolve_device, resolve_dtype
+from ..calibration.run import SWEEP_MEMORY_FRACTION, resolve_device, resolve_dtype, runnable_for_shape
 from ..choices import BENCH_PARTS
 from ..compile_mode import CALIBRATION_MODES
 from ..device import cpu_model_name, device_name, device_slug, free_memory_bytes
 from ..dispatch import decision_table
 from ..errors import UsageError
 from ..freshness import library_versions
-from ..profile import Profile, find_profile
+from ..profile import Profile, find_profile, search_dirs
 from ..report import profile_table
-from .analysis import sweep_summary
+from .analysis import FIXED_BACKENDS, choice_totals, sweep_summary
 from .layer_sweep import MemoryGuard, TimingOptions, held_out_tokens, run_layer_sweep
 from .model_bench import build_bench_model, forward_points, run_forward_points, run_generation
 from .overhead import measure_dispatch_overhead
@@ -226,6 +226,9 @@ def run_benchmark(options: BenchOptions) -> dict:
                     "points": [p.to_json() for p in sweep],
                     "summary": sweep_summary(sweep),
                 }
+                compared = _device_model_comparison(layer, device, options.compile_mode, profile_dir, sweep)
+                if compared is not None:
+                    results["layer_sweep"]["device_model"] = compared
             table = decision_table(layer.module, device, layer.spec.top_k, options.compile_mode)
             del layer
             gc.collect()
@@ -253,6 +256,35 @@ def run_benchmark(options: BenchOptions) -> dict:
     results["targets"] = evaluate_targets(results)
     results["files"] = _write(results, folder, stem, profile)
     return results
+
+
+def _device_model_comparison(layer, device: torch.device, compile_mode: str, profile_dir: Path, sweep) -> dict | None:
+    """`auto` with the device model beside `auto` with the exact profile on the layer sweep: the backend the device
+    model's table picks at each point and both choosers' totals from the same measured medians (`None` when no device
+    model of this device, dtype and mode is found in `profile_dir` or the usual profile folders)."""
+    from ..device_profile import find_device_profile
+    from ..selection import device_model_table, runnable_backends
+
+    spec = layer.spec
+    found = find_device_profile(device_name(device), spec.dtype, compile_mode, [profile_dir, *search_dirs()])
+    if found is None:
+        return None
+    # The backends auto may run here and the budget of the exact profile's table: the two differ only in predictions.
+    candidates = runnable_for_shape(spec, runnable_backends(list(FIXED_BACKENDS), compile_mode, device.type))
+    budget = decision_table(layer.module, device, spec.top_k, compile_mode).budget_bytes
+    predicted = device_model_table(spec, found.model.for_spec(spec), candidates, budget)
+    picks = [predicted.region_for(p.num_tokens).backend for p in sweep]
+    totals = choice_totals(sweep, {"device_model": picks, "profile": [p.auto_backend for p in sweep]})
+    return {
+        "path": str(found.json_path),
+        "form": found.model.form,
+        "picks": picks,
+        "regions": [
+            {"first": r.first, "last": None if r.last == float("inf") else int(r.last), "backend": r.backend}
+            for r in predicted.regions
+        ],
+        "totals": totals,
+    }
 
 
 def _calibration_record(profile: Profile, budget: float) -> dict:

@@ -26,7 +26,7 @@ from ..layer import DEFAULT_BACKENDS
 from ..profile import atomic_write_bytes, default_write_dir, profile_path
 from ..selection import runnable_backends
 from .design import DESIGN_SHAPES, build_design_layer, matmul_flops_per_second, scale_to_fit, token_counts
-from .run import _runnable_for_shape, resolve_device, resolve_dtype
+from .run import resolve_device, resolve_dtype, runnable_for_shape
 from .sweep import SweepOptions, run_sweep
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def calibrate_device_model(
     try:
         for index, (shape, tokens) in enumerate(plan):
             layer = build_design_layer(shape, torch_device, torch_dtype, seed=index)
-            shape_backends = _runnable_for_shape(layer.spec, list(backends))
+            shape_backends = runnable_for_shape(layer.spec, list(backends))
             options = SweepOptions(
                 tokens=tokens,
                 backends=shape_backends,

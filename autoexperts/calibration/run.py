@@ -119,7 +119,7 @@ def calibrate(
 
     started = time.perf_counter()
     layer = build_experts_layer(source.config, torch_device, torch_dtype, top_k=top_k)
-    backends = _runnable_for_shape(layer.spec, list(backends))
+    backends = runnable_for_shape(layer.spec, list(backends))
     name = device_name(torch_device)
     checkpoint = checkpoint_path(profile_path(folder, name, layer.spec.file_stem(compile_mode)))
     # What the checkpoint's points were measured for: resuming needs all of it to match.
@@ -167,7 +167,7 @@ def calibrate(
     return profile
 
 
-def _runnable_for_shape(spec, backends: list[str]) -> list[str]:
+def runnable_for_shape(spec, backends: list[str]) -> list[str]:
     """`backends` less those that cannot run `spec` here (see `autoexperts.capabilities`): they are not measured, and
     `auto` never picks them for this shape."""
     unavailable = unrunnable_backends(spec)
