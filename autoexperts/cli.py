@@ -133,6 +133,11 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="calibrate this device for every expert shape: sweep the design shapes and fit a device model",
     )
+    calibrate.add_argument(
+        "--full-grid",
+        action="store_true",
+        help="measure every default token count even when a device model could pick the counts around its crossovers",
+    )
     calibrate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     calibrate.add_argument(
         "--resume",
@@ -254,6 +259,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         seconds_per_point=args.seconds_per_point,
         resume=args.resume,
         compile_mode=args.compile_mode,
+        full_grid=args.full_grid,
     )
     budget, label = _budget(None, profile.spec.device_type)
     print(describe_profile(profile, budget, label))
@@ -268,7 +274,11 @@ def _calibrate_device_model(args: argparse.Namespace, device, out: Path) -> int:
     from .calibration.device_run import calibrate_device_model
     from .report import describe_device_profile
 
-    given = [f"--{name.replace('_', '-')}" for name in ("model", "tokens", "backends", "top_k") if getattr(args, name)]
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in ("model", "tokens", "backends", "top_k", "full_grid")
+        if getattr(args, name)
+    ]
     if given:
         raise UsageError(f"--device-model sweeps its own design shapes and token counts: drop {', '.join(given)}")
     profile = calibrate_device_model(

@@ -87,6 +87,8 @@ def describe_profile(profile: Profile, budget_bytes: float, budget_label: str) -
         f"budget    {format_bytes(budget_bytes)} ({budget_label})",
         f"model     {_model_source(profile.model_source)}",
     ]
+    if sweep.get("tokens_chosen_by", "default grid") != "default grid":
+        lines.append(f"tokens    {len(sweep['tokens'])} counts around the crossovers of {sweep['tokens_chosen_by']}")
     if profile.stale:
         lines.append(f"STALE     measured with {', '.join(profile.stale)}: recalibrate to refresh it")
     lines.append("")

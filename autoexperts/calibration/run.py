@@ -20,6 +20,7 @@ from ..freshness import library_versions
 from ..layer import DEFAULT_BACKENDS, registered_backends
 from ..profile import Profile, default_write_dir, profile_path, save_profile
 from ..selection import runnable_backends
+from .adaptive import device_model_tokens
 from .checkpoint import checkpoint_path, read_checkpoint, write_checkpoint
 from .experts_layer import build_experts_layer
 from .model_source import resolve_model
@@ -67,6 +68,7 @@ def calibrate(
     seconds_per_point: float = 0.6,
     resume: bool = False,
     compile_mode: str = "none",
+    full_grid: bool = False,
 ) -> Profile:
     """Calibrates one model's experts layer on a device and saves the profile.
 
@@ -74,7 +76,9 @@ def calibrate(
         model (`str`, *optional*): a preset name, a folder or config.json, or a Hub id (default: the small preset).
         device (`str`, *optional*): `"cpu"` or `"cuda"` (default: the GPU if there is one).
         dtype (`str`, *optional*): `float32`, `bfloat16` or `float16` (default: bfloat16 on CUDA, float32 elsewhere).
-        tokens (`Sequence[int]`, *optional*): token counts to measure (default: `default_token_grid()`).
+        tokens (`Sequence[int]`, *optional*): token counts to measure (default: around the crossovers the device
+            model predicts for the layer when there is one for this device, dtype and mode, see
+            `calibration.adaptive`; else `default_token_grid()`).
         backends (`Sequence[str]`, *optional*): backends to measure (default: eager, batched_mm, grouped_mm, less
             those that cannot run in `compile_mode`).
         out (`str` or `Path`, *optional*): profile folder (default: `AUTOEXPERTS_PROFILE_DIR` or the user cache).
@@ -85,6 +89,7 @@ def calibrate(
             and library versions (its checkpoint beside the profile) and measure only the rest.
         compile_mode (`str`): `"none"`, `"default"` or `"max-autotune-no-cudagraphs"`: the `torch.compile` mode the
             backends are measured in (compiled with `dynamic=True, fullgraph=True`); the profile serves that mode.
+        full_grid (`bool`): measure the whole default grid even when a device model could guide the sweep.
 
     The points measured so far are checkpointed after every token count; the checkpoint is removed once the
     profile is saved.
@@ -111,9 +116,10 @@ def calibrate(
             f"backend(s) {', '.join(unrunnable)} cannot run under torch.compile(fullgraph=True) in mode {compile_mode} "
             f"on {torch_device.type}; auto never picks them there"
         )
-    tokens = sorted(set(tokens or default_token_grid()))
-    if not tokens or tokens[0] < 1:
-        raise UsageError("token counts must be positive integers")
+    if tokens is not None:
+        tokens = sorted(set(tokens))
+        if not tokens or tokens[0] < 1:
+            raise UsageError("token counts must be positive integers")
     folder = Path(out) if out is not None else default_write_dir()
     source = resolve_model(model)
 
@@ -121,6 +127,11 @@ def calibrate(
     layer = build_experts_layer(source.config, torch_device, torch_dtype, top_k=top_k)
     backends = runnable_for_shape(layer.spec, list(backends))
     name = device_name(torch_device)
+    memory_limit = SWEEP_MEMORY_FRACTION * free_memory_bytes(torch_device)
+    guide = None
+    if tokens is None and not full_grid:
+        tokens, guide = device_model_tokens(layer.spec, name, compile_mode, list(backends), memory_limit)
+    tokens = tokens or default_token_grid()
     checkpoint = checkpoint_path(profile_path(folder, name, layer.spec.file_stem(compile_mode)))
     # What the checkpoint's points were measured for: resuming needs all of it to match.
     header = {
@@ -144,7 +155,7 @@ def calibrate(
     options = SweepOptions(
         tokens=tokens,
         backends=list(backends),
-        memory_limit_bytes=SWEEP_MEMORY_FRACTION * free_memory_bytes(torch_device),
+        memory_limit_bytes=memory_limit,
         seconds_per_point=seconds_per_point,
         progress=progress,
         done=done,
@@ -153,7 +164,8 @@ def calibrate(
     )
     try:  # until the profile is saved, an interruption or a crash leaves the checkpoint to resume from
         measurements = run_sweep(layer, torch_device, torch_dtype, options)
-        profile = _profile(layer, source, name, torch_device, measurements, options, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        profile = _profile(layer, source, name, torch_device, measurements, options, elapsed, guide)
         save_profile(profile, folder)
     except KeyboardInterrupt as interrupt:
         kept = checkpoint if checkpoint.is_file() else None
@@ -182,8 +194,9 @@ def runnable_for_shape(spec, backends: list[str]) -> list[str]:
     return left
 
 
-def _profile(layer, source, name: str, torch_device: torch.device, measurements, options, elapsed: float) -> Profile:
-    """The profile of a finished sweep: measurements, the fitted cost model and what they were measured with."""
+def _profile(layer, source, name: str, torch_device, measurements, options, elapsed: float, guide=None) -> Profile:
+    """The profile of a finished sweep: measurements, the fitted cost model and what they were measured with
+    (`guide`: the device model that chose the token counts, if one did)."""
     cost_model = CostModel.fit(measurements)
     if not cost_model.backends:
         raise RuntimeError("no backend ran successfully at any token count; nothing to save")
@@ -204,6 +217,7 @@ def _profile(layer, source, name: str, torch_device: torch.device, measurements,
             "experts": {"model_type": layer.model_type},
             "sweep": {
                 "tokens": list(options.tokens),
+                "tokens_chosen_by": str(guide.json_path) if guide is not None else "default grid",
                 "backends": list(options.backends),
                 "routing": "uniform random, distinct experts per token",
                 "seconds_per_point": options.seconds_per_point,

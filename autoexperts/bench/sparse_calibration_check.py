@@ -1,0 +1,128 @@
+"""How much a per-shape calibration loses by measuring only where the device model predicts crossovers.
+
+For each exact-shape profile measured on the full default grid, the profile is fitted again on the subset of its own
+measurements that `calibrate` would take with a device model at hand (`calibration.adaptive`), and both tables
+choose at every count of the full grid. A choice costs the measured median there (a backend the sweep dropped as slow
+costs `SLOW_PICK_FACTOR` times the fastest). The sparse table saw only its subset, so most grid counts are held out
+from it; the full table saw them all, which favours it.
+
+Run it as `python -m autoexperts.bench.sparse_calibration_check --device-model JSON --profiles DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from ..calibration.adaptive import crossover_tokens
+from ..cost_model import CostModel
+from ..device_profile import load_device_profile
+from ..profile import load_profile, profile_files
+from ..selection import device_model_table, runnable_backends
+from ..table import build_profile_table
+from .analysis import SLOW_PICK_FACTOR
+
+
+def _total(table, measured: dict[int, dict[str, tuple[str, float | None]]]) -> tuple[float, float]:
+    """The measured total of `table`'s choices over `measured` (count -> backend -> (status, median)), and the
+    oracle's."""
+    chosen = oracle = 0.0
+    for n, points in measured.items():
+        medians = {b: ms for b, (status, ms) in points.items() if status == "ok" and ms}
+        fastest = min(medians.values())
+        pick = table.region_for(n).backend
+        status = points.get(pick, ("missing", None))[0]
+        chosen += medians.get(pick, SLOW_PICK_FACTOR * fastest if status == "slow" else float("inf"))
+        oracle += fastest
+    return chosen, oracle
+
+
+def check_profile(profile, device_profile, budget: float) -> dict:
+    """The full and the sparse calibration of one profile, judged on its full grid."""
+    spec = profile.spec
+    measured_backends = {m.backend for m in profile.measurements}
+    candidates = [
+        b for b in runnable_backends(sorted(measured_backends), profile.compile_mode, spec.device_type)
+    ]  # fmt: skip
+    grid = sorted({m.num_tokens for m in profile.measurements})
+    sparse_tokens = crossover_tokens(device_model_table(spec, device_profile.model.for_spec(spec), candidates, budget))
+    sparse_tokens = [n for n in sparse_tokens if n in grid]
+    subset = [m for m in profile.measurements if m.num_tokens in sparse_tokens]
+    measured: dict[int, dict] = {}
+    for m in profile.measurements:
+        measured.setdefault(m.num_tokens, {})[m.backend] = (m.status, m.median_ms)
+    measured = {n: p for n, p in measured.items() if any(s == "ok" and ms for s, ms in p.values())}
+    full_table = build_profile_table(spec, CostModel.fit(profile.measurements), candidates, budget)
+    sparse_table = build_profile_table(spec, CostModel.fit(subset), candidates, budget)
+    full, oracle = _total(full_table, measured)
+    sparse, _ = _total(sparse_table, measured)
+    return {
+        "profile": profile.json_path.name,
+        "grid_points": len(grid),
+        "sparse_points": len(sparse_tokens),
+        "sparse_tokens": sparse_tokens,
+        "full_over_oracle": full / oracle,
+        "sparse_over_oracle": sparse / oracle,
+    }
+
+
+def run(device_model_path: Path, profiles_dir: Path) -> dict:
+    device_profile = load_device_profile(device_model_path)
+    budget = device_profile.metadata["sweep"]["memory_limit_bytes"]
+    rows = []
+    for path in profile_files([profiles_dir]):
+        profile = load_profile(path)
+        key = (profile.device_name, profile.spec.dtype, profile.compile_mode)
+        if key == (device_profile.device_name, device_profile.dtype, device_profile.compile_mode):
+            rows.append(check_profile(profile, device_profile, budget))
+    if not rows:
+        raise SystemExit(f"no profile of {device_profile.device_name}, {device_profile.dtype} under {profiles_dir}")
+    rows.sort(key=lambda r: r["profile"])
+    return {
+        "device_model": str(device_model_path),
+        "points_ratio": sum(r["grid_points"] for r in rows) / sum(r["sparse_points"] for r in rows),
+        "median_full_over_oracle": statistics.median(r["full_over_oracle"] for r in rows),
+        "median_sparse_over_oracle": statistics.median(r["sparse_over_oracle"] for r in rows),
+        "worst_sparse_over_oracle": max(r["sparse_over_oracle"] for r in rows),
+        "profiles": rows,
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"Sparse calibration with `{result['device_model']}`: {result['points_ratio']:.2f}× fewer points; "
+        f"median over the oracle {result['median_sparse_over_oracle']:.3f} sparse, "
+        f"{result['median_full_over_oracle']:.3f} full grid (worst sparse {result['worst_sparse_over_oracle']:.3f})",
+        "",
+        "| profile | grid points | sparse points | full / oracle | sparse / oracle | sparse counts |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["profiles"]:
+        lines.append(
+            f"| {r['profile']} | {r['grid_points']} | {r['sparse_points']} | {r['full_over_oracle']:.3f} | "
+            f"{r['sparse_over_oracle']:.3f} | {', '.join(map(str, r['sparse_tokens']))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device-model", type=Path, required=True, help="the device model's JSON")
+    parser.add_argument("--profiles", type=Path, required=True, help="a folder of full-grid exact-shape profiles")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON here (and Markdown beside it)")
+    args = parser.parse_args(argv)
+    result = run(args.device_model, args.profiles)
+    text = markdown(result)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        args.out.with_suffix(".md").write_text(text, encoding="utf-8")
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
