@@ -7,10 +7,11 @@ import weakref
 import pytest
 import torch
 
+from autoexperts.calibration import sweep as sweep_module
 from autoexperts.calibration.experts_layer import build_experts_layer, routed_inputs
 from autoexperts.calibration.memory import peak_call_bytes
 from autoexperts.calibration.model_source import resolve_model
-from autoexperts.calibration.sweep import SweepOptions, default_token_grid, run_sweep
+from autoexperts.calibration.sweep import SweepOptions, default_token_grid, disturbed_side, run_sweep
 from autoexperts.errors import UsageError
 from autoexperts.layer import backend_forward, is_experts_module
 from autoexperts.presets import PRESETS
@@ -296,3 +297,39 @@ def test_crash_mid_sweep_keeps_the_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="device lost"):
         calibrate(**CALIBRATION, out=tmp_path)
     assert [name.rsplit(".", 1)[-1] for name in _files(tmp_path)] == ["checkpoint"]
+
+
+@pytest.mark.parametrize(
+    ("previous", "current", "token_ratio", "side"),
+    [
+        ({"eager": 1.0, "grouped_mm": 2.0}, {"eager": 1.4, "grouped_mm": 2.6}, 1.5, 0),  # steady growth
+        ({"eager": 1.0, "grouped_mm": 2.0}, {"eager": 900.0, "grouped_mm": 300.0}, 1.5, 1),  # a stall here
+        ({"eager": 900.0, "grouped_mm": 300.0}, {"eager": 1.4, "grouped_mm": 2.6}, 1.5, -1),  # a stall before
+        ({"eager": 1.0, "grouped_mm": 2.0}, {"eager": 900.0, "grouped_mm": 2.1}, 1.5, 0),  # one backend alone
+        ({"eager": 1.0}, {"eager": 9.0}, 8.0, 0),  # counts far apart: a real 9x is possible
+        ({"eager": 1.0}, {"grouped_mm": 9.0}, 1.5, 0),  # no backend in common
+    ],
+)
+def test_a_stalled_count_is_told_from_a_steady_one(previous, current, token_ratio, side):
+    assert disturbed_side(previous, current, token_ratio) == side
+
+
+@pytest.mark.parametrize("stalled", [3, 2])  # the later of two counts stalls; the earlier one does
+def test_sweep_measures_a_stalled_count_again(monkeypatch, small_layer, stalled):
+    measure = sweep_module._measure_point
+    stalls = [1]  # the first measurement of `stalled` tokens reads 1000x slow, as when the machine pauses
+
+    def stalling(functions, memory_functions, module, inputs, backends, device, options):
+        times, peaks, failures = measure(functions, memory_functions, module, inputs, backends, device, options)
+        if inputs[0].shape[0] == stalled and stalls[0]:
+            stalls[0] -= 1
+            times = {b: [t * 1000 + 50 for t in samples] for b, samples in times.items()}
+        return times, peaks, failures
+
+    monkeypatch.setattr(sweep_module, "_measure_point", stalling)
+    options = SweepOptions(tokens=[2, 3], backends=["eager", "grouped_mm"], seconds_per_point=0.01, progress=False)
+    results = run_sweep(small_layer, torch.device("cpu"), torch.float32, options)
+    assert stalls == [0], "the case must stall once"
+    medians = {(m.backend, m.num_tokens): m.median_ms for m in results}
+    for backend in options.backends:  # measured again: no longer 1000x its neighbour
+        assert medians[backend, stalled] < 20 * medians[backend, 5 - stalled]

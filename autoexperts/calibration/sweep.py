@@ -10,6 +10,11 @@ backend leaves the sweep when
 - it was at least `slow_factor` times slower than the fastest backend at two consecutive token counts: its later
   points are `"slow"` (not measured, to save time), and the cost model extrapolates its latency.
 
+A machine that stalls (another process, paging) can slow every backend at one count by orders of magnitude. When
+every backend measured at two successive counts (at most 2x apart) is at least `DISTURBED_FACTOR` times slower at
+one of them than at the other, that count is measured again (up to `DISTURBED_RETRIES` times): no steady device
+slows a call 4x for at most twice the tokens.
+
 With a compile mode other than `"none"`, each backend runs as `torch.compile(fn, mode=..., dynamic=True,
 fullgraph=True)`: dynamic shapes compile one graph for all token counts above 1 (and one for 1), and the warm-up
 call at each count absorbs any (re)compilation. On CPU the peak memory is then the uncompiled backend's: the
@@ -43,6 +48,25 @@ def default_token_grid(max_tokens: int = 4096) -> list[int]:
         grid.update({power, power * 3 // 2})
         power *= 2
     return sorted(n for n in grid if n <= max_tokens)
+
+
+# Every backend this many times slower at one of two successive counts (at most 2x apart) than at the other: the
+# machine stalled there, and that count is measured again, at most `DISTURBED_RETRIES` times.
+DISTURBED_FACTOR = 4.0
+DISTURBED_RETRIES = 2
+
+
+def disturbed_side(previous: dict[str, float], current: dict[str, float], token_ratio: float) -> int:
+    """`1` when every backend timed at both counts is `DISTURBED_FACTOR` times slower at the current count, `-1` when
+    at the previous one, else `0` (also when the counts are more than 2x apart or share no backend)."""
+    common = [b for b in current if b in previous and previous[b] > 0 and current[b] > 0]
+    if not common or token_ratio > 2:
+        return 0
+    if all(current[b] >= DISTURBED_FACTOR * previous[b] for b in common):
+        return 1
+    if all(previous[b] >= DISTURBED_FACTOR * current[b] for b in common):
+        return -1
+    return 0
 
 
 @dataclass
@@ -142,6 +166,21 @@ def _measure_point(
     return times, peaks, failures
 
 
+def _measure_again(
+    results: list[Measurement], num_tokens: int, functions, memory_functions, layer, device, dtype, options
+) -> dict[str, float]:
+    """Measures the backends that ran at `num_tokens` again, replaces their points in `results` and returns their
+    new medians."""
+    ran = [m.backend for m in results if m.num_tokens == num_tokens and m.status == "ok"]
+    inputs = routed_inputs(layer.spec, num_tokens, device, dtype, options.seed)
+    times, peaks, _ = _measure_point(functions, memory_functions, layer.module, inputs, ran, device, options)
+    for i, m in enumerate(results):
+        if m.num_tokens == num_tokens and m.backend in times:
+            median = statistics.median(times[m.backend])
+            results[i] = Measurement(m.backend, num_tokens, "ok", median, peaks[m.backend], tuple(times[m.backend]))
+    return {b: statistics.median(t) for b, t in times.items()}
+
+
 def run_sweep(
     layer: ExpertsLayer, device: torch.device, dtype: torch.dtype, options: SweepOptions
 ) -> list[Measurement]:
@@ -159,6 +198,7 @@ def run_sweep(
         if m.status != "ok":
             stopped.setdefault(m.backend, ("slow" if m.status == "slow" else "skipped", m.error or m.status))
     slow_streak = dict.fromkeys(options.backends, 0)
+    previous: list = [0, {}]  # the last count measured here and its backends' medians
 
     total = len(options.tokens) * len(options.backends) - len(done)
     bar = tqdm(total=max(total, 0), disable=not options.progress, desc="calibrating", unit="point", leave=False)
@@ -189,6 +229,22 @@ def run_sweep(
             times, peaks, failures = _measure_point(
                 functions, memory_functions, module, inputs, active, device, options
             )
+            ratio = num_tokens / previous[0] if previous[0] else float("inf")
+            for _ in range(DISTURBED_RETRIES):
+                side = disturbed_side(previous[1], {b: statistics.median(t) for b, t in times.items()}, ratio)
+                if side == 0:
+                    break
+                again = num_tokens if side > 0 else previous[0]
+                logger.info("every backend at least %gx slower at %d tokens than beside it: measuring it again",
+                            DISTURBED_FACTOR, again)  # fmt: skip
+                if side > 0:
+                    times, peaks, failures = _measure_point(
+                        functions, memory_functions, module, inputs, active, device, options
+                    )
+                else:
+                    previous[1] = _measure_again(
+                        results, again, functions, memory_functions, layer, device, dtype, options
+                    )
             for backend, (status, message) in failures.items():
                 logger.info("%s failed at %d tokens (%s); it leaves the sweep", backend, num_tokens, message)
                 results.append(Measurement(backend, num_tokens, status, error=message))
@@ -209,6 +265,7 @@ def run_sweep(
                     reason = f"at least {options.slow_factor:g}x slower than the fastest backend at two points"
                     stopped[backend] = ("slow", reason)
                     logger.info("%s leaves the sweep after %d tokens: %s", backend, num_tokens, reason)
+            previous[:] = [num_tokens, {b: medians[b] for b in active}]
             del hidden_states, top_k_index, top_k_weights, inputs
             _release_memory(device)
             if options.on_point is not None:
