@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from .cost_model import Measurement
-from .device_model import FORMAT_VERSION, DeviceModel, ShapePoints
+from .device_model import DeviceModel, ShapePoints
 from .errors import ProfileRefitWarning, ProfileSkippedWarning
 from .layer import LayerSpec
 from .profile import (
@@ -25,6 +25,7 @@ from .profile import (
     atomic_write_bytes,
     is_backup,
     is_trusted,
+    pickled_fits,
     profile_path,
     warn_once,
     write_lock,
@@ -91,19 +92,9 @@ def _spec_fields(spec: LayerSpec) -> dict:
 
 def save_device_profile(profile: DeviceProfile, folder: Path) -> Path:
     """Saves `profile` under `folder/<device slug>/` (atomically, under the lock) and returns the JSON path."""
-    import joblib
-
     target = profile_path(folder, profile.device_name, profile.stem())
     json_path, model_path = target.with_suffix(".json"), target.with_suffix(".joblib")
-    buffer = io.BytesIO()
-    joblib.dump(profile.model.fits, buffer)
-    model_bytes = buffer.getvalue()
-    record = profile.to_json()
-    record["cost_model"] = {
-        "file": model_path.name,
-        "format": FORMAT_VERSION,
-        "sha256": hashlib.sha256(model_bytes).hexdigest(),
-    }
+    model_bytes, record = pickled_fits(profile.model.fits, model_path, profile.to_json())
     target.parent.mkdir(parents=True, exist_ok=True)
     with write_lock(target):
         _back_up(json_path, model_path)

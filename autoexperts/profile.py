@@ -150,6 +150,18 @@ def write_lock(target: Path) -> contextlib.AbstractContextManager[None]:
     return file_lock(target.parent / f".{target.name}.lock", LOCK_TIMEOUT_S)
 
 
+def pickled_fits(fits: dict, model_path: Path, record: dict) -> tuple[bytes, dict]:
+    """The joblib bytes of fitted estimators `fits`, and `record` with the `cost_model` entry naming that file, its
+    format and its SHA-256 (what a load checks before unpickling)."""
+    import joblib  # like scikit-learn, imported only where a cost model is saved or loaded
+
+    buffer = io.BytesIO()
+    joblib.dump(fits, buffer)
+    model_bytes = buffer.getvalue()
+    entry = {"file": model_path.name, "format": fits["format"], "sha256": hashlib.sha256(model_bytes).hexdigest()}
+    return model_bytes, {**record, "cost_model": entry}
+
+
 def save_profile(profile: Profile, folder: Path) -> Path:
     """Saves `profile` under `folder/<device slug>/` and returns the JSON path.
 
@@ -157,19 +169,9 @@ def save_profile(profile: Profile, folder: Path) -> Path:
     profile at once, each write is whole and the last one to take the lock wins. A profile already at that place is
     first copied to its backup (`backup_path`), replacing an older backup; `profile.replaced` then describes it.
     """
-    import joblib  # like scikit-learn, imported only where a cost model is saved or loaded
-
     target = profile_path(folder, profile.device_name, profile.stem())
     json_path, model_path = target.with_suffix(".json"), target.with_suffix(".joblib")
-    buffer = io.BytesIO()
-    joblib.dump(profile.cost_model.fits, buffer)
-    model_bytes = buffer.getvalue()
-    record = profile.to_json()
-    record["cost_model"] = {
-        "file": model_path.name,
-        "format": profile.cost_model.fits["format"],
-        "sha256": hashlib.sha256(model_bytes).hexdigest(),
-    }
+    model_bytes, record = pickled_fits(profile.cost_model.fits, model_path, profile.to_json())
     text = json.dumps(record, indent=2, sort_keys=False) + "\n"
     target.parent.mkdir(parents=True, exist_ok=True)
     with write_lock(target):

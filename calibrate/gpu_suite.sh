@@ -12,6 +12,15 @@
 #
 #   PYTHONPATH=. bash calibrate/gpu_suite.sh "$OUT"
 #
+# GPU_SUITE_STAGE=next (once the first stage's profiles ship under profiles/<gpu>/) runs what the first left open,
+# with the shipped profiles instead of calibrating again:
+#
+#   1. the CUDA tests;
+#   2. generate() with 7 rounds at batch 1, 8 and 64 (64: decode steps above the batched_mm crossover, where
+#      Transformers' fixed decode-time switch to batched_mm is wrong);
+#   3. calibration and the forward grid under torch.compile (default mode), then the calibration in
+#      max-autotune-no-cudagraphs for the rest of the time (its checkpoint comes back: resume it next time).
+#
 # Everything goes to one folder ($1, else $OUT, else ./gpu-suite-results): suite.log, and results.tar.gz, rewritten
 # after every step (a device run brings back few files), holding env.txt, pytest-cuda.txt, <step>.log and the
 # results folders: profiles/<device>/ (copy into the repository's profiles/), bench-*/<device>/*.{json,md,png}.
@@ -71,6 +80,31 @@ cat "$work/env.txt"
 
 step pytest-cuda 75 "$python" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py
 
+bench() {  # bench NAME CAP [ARGS...]: `autoexperts bench` into $work/NAME, with the profiles in $profiles_for_bench
+    local name=$1 cap=$2
+    shift 2
+    step "$name" "$cap" "$python" -m autoexperts bench --device "$device" --dtype "$dtype" --out "$work/$name" \
+        --profile-dir "$profiles_for_bench" --seconds-per-point 0.25 --long-prefill "$long_prefill" \
+        --prompt-length 128 --new-tokens 64 --no-progress "$@"
+}
+
+if [ "${GPU_SUITE_STAGE:-first}" = next ]; then
+    profiles_for_bench=profiles
+    for batch in 1 8 64; do
+        bench "table-generate-b$batch" 70 --model "$table_model" --parts generate --batch-size "$batch" --rounds 7
+    done
+    step calibrate-compile-default 150 "$python" -m autoexperts calibrate --model "$table_model" --device "$device" \
+        --dtype "$dtype" --compile default --out "$work/profiles" --seconds-per-point 0.2 --no-progress
+    profiles_for_bench=$work/profiles
+    bench table-forward-compile-default 90 --model "$table_model" --parts forward --compile default
+    step calibrate-compile-max-autotune 600 "$python" -m autoexperts calibrate --model "$table_model" \
+        --device "$device" --dtype "$dtype" --compile max-autotune-no-cudagraphs --out "$work/profiles" \
+        --seconds-per-point 0.2 --no-progress
+    echo "suite finished in ${SECONDS}s"
+    pack
+    exit 0
+fi
+
 # The profiles to ship, one calibration per preset as a user runs it.
 calibrate_all() {
     local preset
@@ -78,21 +112,14 @@ calibrate_all() {
         echo "-- calibrate $preset"
         local started=$SECONDS
         "$python" -m autoexperts calibrate --model "$preset" --device "$device" --dtype "$dtype" \
-            --out "$work/profiles" --seconds-per-point 0.2 --no-progress || echo "calibrate $preset: exit $?"
+            --out "$work/profiles" --seconds-per-point 0.2 --no-progress --full-grid || echo "calibrate $preset: exit $?"
         echo "-- $preset took $((SECONDS - started))s"
     done
 }
 export -f calibrate_all
 export work presets device dtype python
 step calibrate-presets 170 bash -c calibrate_all
-
-bench() {  # bench NAME CAP [ARGS...]: `autoexperts bench` with the profiles of step 2, into $work/NAME
-    local name=$1 cap=$2
-    shift 2
-    step "$name" "$cap" "$python" -m autoexperts bench --device "$device" --dtype "$dtype" --out "$work/$name" \
-        --profile-dir "$work/profiles" --seconds-per-point 0.25 --long-prefill "$long_prefill" --prompt-length 128 \
-        --new-tokens 64 --no-progress "$@"
-}
+profiles_for_bench=$work/profiles
 
 # A benchmark writes its results when it ends: one part per command, so that a part cut off by its box loses no other.
 bench table-sweep 75 --model "$table_model" --parts overhead,sweep

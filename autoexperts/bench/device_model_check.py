@@ -323,13 +323,17 @@ def main(argv: list[str] | None = None) -> int:
         result = run_check(args.profile_dir, args.device, args.dtype, presets, args.seconds_per_point)
     else:
         parser.error("give --profile-dir, or --against-profiles with --device-model")
-    text = markdown(result)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-        args.out.with_suffix(".md").write_text(text, encoding="utf-8")
-    sys.stdout.write(text)
+    write_result(result, markdown(result), args.out)
     return 0
+
+
+def write_result(result: dict, text: str, out: Path | None) -> None:
+    """Prints a check's Markdown and, with `out`, writes its JSON there and the Markdown beside it."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        out.with_suffix(".md").write_text(text, encoding="utf-8")
+    sys.stdout.write(text)
 
 
 if __name__ == "__main__":

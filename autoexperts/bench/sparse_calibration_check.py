@@ -12,9 +12,7 @@ Run it as `python -m autoexperts.bench.sparse_calibration_check --device-model J
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 from pathlib import Path
 
 from ..calibration.adaptive import crossover_tokens
@@ -24,6 +22,7 @@ from ..profile import load_profile, profile_files
 from ..selection import device_model_table, runnable_backends
 from ..table import build_profile_table
 from .analysis import SLOW_PICK_FACTOR
+from .device_model_check import write_result
 
 
 def _total(table, measured: dict[int, dict[str, tuple[str, float | None]]]) -> tuple[float, float]:
@@ -115,12 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here (and Markdown beside it)")
     args = parser.parse_args(argv)
     result = run(args.device_model, args.profiles)
-    text = markdown(result)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-        args.out.with_suffix(".md").write_text(text, encoding="utf-8")
-    sys.stdout.write(text)
+    write_result(result, markdown(result), args.out)
     return 0
 
 
