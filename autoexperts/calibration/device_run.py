@@ -47,7 +47,7 @@ def calibrate_device_model(
     out: str | Path | None = None,
     progress: bool = True,
     resume: bool = False,
-    seconds_per_call: float = 0.03,
+    seconds_per_call: float = 0.1,
     max_tokens: int = 4096,
     shapes=DESIGN_SHAPES,
 ) -> DeviceProfile:
