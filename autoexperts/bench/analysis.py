@@ -8,7 +8,9 @@ which separates a wrong pick from the noise between two timings of the same kern
 
 from __future__ import annotations
 
+import math
 import statistics
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -154,8 +156,30 @@ def sweep_summary(points: list[PointResult]) -> dict:
 SLOW_PICK_FACTOR = 8.0
 
 
+def pick_ms(measured: Mapping[str, tuple[str, float | None]], pick: str) -> float:
+    """What picking `pick` costs at one point whose backends measured `backend -> (status, median ms)`: its median
+    when it was timed, `SLOW_PICK_FACTOR` times the fastest when it had been dropped as slow, else infinity (over the
+    memory limit, failed, or not measured)."""
+    status, median = measured.get(pick, ("missing", None))
+    if status == "ok" and median:
+        return median
+    if status != "slow":
+        return math.inf
+    return SLOW_PICK_FACTOR * min(ms for s, ms in measured.values() if s == "ok" and ms)
+
+
+def measured_by_tokens(measurements: Iterable) -> dict[int, dict[str, tuple[str, float | None]]]:
+    """`count -> backend -> (status, median ms)` of a calibration's measurements, at the counts where some backend
+    was timed."""
+    by_tokens: dict[int, dict[str, tuple[str, float | None]]] = {}
+    for m in measurements:
+        by_tokens.setdefault(m.num_tokens, {})[m.backend] = (m.status, m.median_ms)
+    return {n: p for n, p in sorted(by_tokens.items()) if any(s == "ok" and ms for s, ms in p.values())}
+
+
 def choice_totals(points: list[PointResult], choices: dict[str, list[str]]) -> dict:
-    """Each named chooser's total over a sweep, from the measured medians of the fixed backends it picked.
+    """Each named chooser's total over a sweep, from the measured medians of the fixed backends it picked
+    (`pick_ms`).
 
     `choices` maps a chooser (e.g. `"profile"`, `"device_model"`) to its backend at each point of `points`. Both are
     read off the same timings, so their ratio is free of the noise between two timings of one kernel.
@@ -169,14 +193,10 @@ def choice_totals(points: list[PointResult], choices: dict[str, list[str]]) -> d
     for name, picks in choices.items():
         total, hits, untimed = 0.0, 0, 0
         for i, point in scored:
-            pick, (best, best_ms) = picks[i], point.oracle()
-            run = point.runs.get(pick)
-            if point.median(pick) is not None:
-                total += point.median(pick)
-            else:
-                untimed += 1
-                total += SLOW_PICK_FACTOR * best_ms if run is not None and run.status == "slow" else float("inf")
-            hits += pick == best
+            measured = {b: (point.runs[b].status, point.median(b)) for b in FIXED_BACKENDS if b in point.runs}
+            total += pick_ms(measured, picks[i])
+            untimed += point.median(picks[i]) is None
+            hits += picks[i] == point.oracle()[0]
         totals[name] = {
             "total_ms": total,
             "over_oracle": total / oracle_total if scored else None,

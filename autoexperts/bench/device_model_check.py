@@ -17,8 +17,8 @@ Run it as `python -m autoexperts.bench.device_model_check --profile-dir DIR [--d
 With `--against-profiles DIR`, nothing is timed: the truth is the measurements of the exact-shape profiles in `DIR`
 (real, unscaled shapes calibrated on the same device), at every count they measured. This checks a device model of a
 machine that is no longer at hand, e.g. a GPU's, from its calibration files alone. A choice the calibration had
-stopped timing there (`slow`: at least `SLOW_FACTOR` times the fastest) costs that factor times the fastest; a choice
-that failed or ran out of memory there costs infinity.
+stopped timing there costs `analysis.SLOW_PICK_FACTOR` times the fastest; a choice that failed or ran out of memory
+there costs infinity (`analysis.pick_ms`).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from ..layer import DEFAULT_BACKENDS, LayerSpec, backend_forward
 from ..presets import PRESETS
 from ..selection import device_model_table, fallback_table, runnable_backends
 from ..timing import interleaved_rounds, repeats_for, timed_call_ms
+from .analysis import measured_by_tokens, pick_ms
 from .layer_sweep import held_out_tokens
 
 logger = logging.getLogger(__name__)
@@ -176,21 +177,10 @@ def _measured_check(profile, device_profile: DeviceProfile, budget_bytes: float)
                   if b in measured]  # fmt: skip
     predicted = device_model_table(spec, device_profile.model.for_spec(spec), candidates, budget_bytes)
     fallback = fallback_table(spec, candidates, budget_bytes)
-    by_tokens: dict[int, dict] = {}
-    for m in profile.measurements:
-        by_tokens.setdefault(m.num_tokens, {})[m.backend] = m
     check = ShapeCheck(profile.metadata.get("model", {}).get("name") or spec.experts_class, spec, 1)
-    for n, points in sorted(by_tokens.items()):
-        medians = {b: m.median_ms for b, m in points.items() if m.status == "ok" and m.median_ms}
-        if not medians:
-            continue
-        fastest = min(medians.values())
-        for b, m in points.items():
-            if b not in medians:
-                medians[b] = SLOW_FACTOR * fastest if m.status == "slow" else math.inf
+    for n, points in measured_by_tokens(profile.measurements).items():
         choices = {"device_model": predicted.region_for(n).backend, "fallback": fallback.region_for(n).backend}
-        for choice in choices.values():
-            medians.setdefault(choice, math.inf)
+        medians = {b: pick_ms(points, b) for b in {*points, *choices.values()}}
         check.points.append({"tokens": n, "median_ms": medians, "oracle": min(medians, key=medians.get), **choices})
     return check
 

@@ -2,9 +2,9 @@
 
 For each exact-shape profile measured on the full default grid, the profile is fitted again on the subset of its own
 measurements that `calibrate` would take with a device model at hand (`calibration.adaptive`), and both tables
-choose at every count of the full grid. A choice costs the measured median there (a backend the sweep dropped as slow
-costs `SLOW_PICK_FACTOR` times the fastest). The sparse table saw only its subset, so most grid counts are held out
-from it; the full table saw them all, which favours it.
+choose at every count of the full grid. A choice costs the measured median there (`analysis.pick_ms`: a backend the
+sweep dropped as slow costs `SLOW_PICK_FACTOR` times the fastest). The sparse table saw only its subset, so most grid
+counts are held out from it; the full table saw them all, which favours it.
 
 Run it as `python -m autoexperts.bench.sparse_calibration_check --device-model JSON --profiles DIR`.
 """
@@ -21,21 +21,14 @@ from ..device_profile import load_device_profile
 from ..profile import load_profile, profile_files
 from ..selection import device_model_table, runnable_backends
 from ..table import build_profile_table
-from .analysis import SLOW_PICK_FACTOR
+from .analysis import measured_by_tokens, pick_ms
 from .device_model_check import write_result
 
 
 def _total(table, measured: dict[int, dict[str, tuple[str, float | None]]]) -> tuple[float, float]:
-    """The measured total of `table`'s choices over `measured` (count -> backend -> (status, median)), and the
-    oracle's."""
-    chosen = oracle = 0.0
-    for n, points in measured.items():
-        medians = {b: ms for b, (status, ms) in points.items() if status == "ok" and ms}
-        fastest = min(medians.values())
-        pick = table.region_for(n).backend
-        status = points.get(pick, ("missing", None))[0]
-        chosen += medians.get(pick, SLOW_PICK_FACTOR * fastest if status == "slow" else float("inf"))
-        oracle += fastest
+    """The measured total of `table`'s choices over `measured` (`measured_by_tokens`), and the oracle's."""
+    chosen = sum(pick_ms(points, table.region_for(n).backend) for n, points in measured.items())
+    oracle = sum(min(ms for s, ms in points.values() if s == "ok" and ms) for points in measured.values())
     return chosen, oracle
 
 
@@ -50,10 +43,7 @@ def check_profile(profile, device_profile, budget: float) -> dict:
     sparse_tokens = crossover_tokens(device_model_table(spec, device_profile.model.for_spec(spec), candidates, budget))
     sparse_tokens = [n for n in sparse_tokens if n in grid]
     subset = [m for m in profile.measurements if m.num_tokens in sparse_tokens]
-    measured: dict[int, dict] = {}
-    for m in profile.measurements:
-        measured.setdefault(m.num_tokens, {})[m.backend] = (m.status, m.median_ms)
-    measured = {n: p for n, p in measured.items() if any(s == "ok" and ms for s, ms in p.values())}
+    measured = measured_by_tokens(profile.measurements)
     full_table = build_profile_table(spec, CostModel.fit(profile.measurements), candidates, budget)
     sparse_table = build_profile_table(spec, CostModel.fit(subset), candidates, budget)
     full, oracle = _total(full_table, measured)

@@ -198,7 +198,7 @@ def run_sweep(
         if m.status != "ok":
             stopped.setdefault(m.backend, ("slow" if m.status == "slow" else "skipped", m.error or m.status))
     slow_streak = dict.fromkeys(options.backends, 0)
-    previous: list = [0, {}]  # the last count measured here and its backends' medians
+    previous_tokens, previous_medians = 0, {}  # the last count measured here and its backends' medians
 
     total = len(options.tokens) * len(options.backends) - len(done)
     bar = tqdm(total=max(total, 0), disable=not options.progress, desc="calibrating", unit="point", leave=False)
@@ -229,20 +229,22 @@ def run_sweep(
             times, peaks, failures = _measure_point(
                 functions, memory_functions, module, inputs, active, device, options
             )
-            ratio = num_tokens / previous[0] if previous[0] else float("inf")
+            medians = {b: statistics.median(t) for b, t in times.items()}
+            ratio = num_tokens / previous_tokens if previous_tokens else float("inf")
             for _ in range(DISTURBED_RETRIES):
-                side = disturbed_side(previous[1], {b: statistics.median(t) for b, t in times.items()}, ratio)
+                side = disturbed_side(previous_medians, medians, ratio)
                 if side == 0:
                     break
-                again = num_tokens if side > 0 else previous[0]
+                again = num_tokens if side > 0 else previous_tokens
                 logger.info("every backend at least %gx slower at %d tokens than beside it: measuring it again",
                             DISTURBED_FACTOR, again)  # fmt: skip
                 if side > 0:
                     times, peaks, failures = _measure_point(
                         functions, memory_functions, module, inputs, active, device, options
                     )
+                    medians = {b: statistics.median(t) for b, t in times.items()}
                 else:
-                    previous[1] = _measure_again(
+                    previous_medians = _measure_again(
                         results, again, functions, memory_functions, layer, device, dtype, options
                     )
             for backend, (status, message) in failures.items():
@@ -251,7 +253,6 @@ def run_sweep(
                 stopped[backend] = ("skipped", f"{status} at {num_tokens} tokens")
                 active.remove(backend)
                 bar.update()
-            medians = {b: statistics.median(t) for b, t in times.items()}
             fastest = min(medians.values(), default=None)
             for backend in active:
                 results.append(
@@ -265,7 +266,7 @@ def run_sweep(
                     reason = f"at least {options.slow_factor:g}x slower than the fastest backend at two points"
                     stopped[backend] = ("slow", reason)
                     logger.info("%s leaves the sweep after %d tokens: %s", backend, num_tokens, reason)
-            previous[:] = [num_tokens, {b: medians[b] for b in active}]
+            previous_tokens, previous_medians = num_tokens, medians
             del hidden_states, top_k_index, top_k_weights, inputs
             _release_memory(device)
             if options.on_point is not None:
