@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 import threading
 import traceback
 import warnings
@@ -322,7 +323,11 @@ def _traced_backend(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_in
     The region boundaries come back from `_compiled_regions` as constants; the token count is a `SymInt` under
     dynamic shapes, so each comparison below becomes a guard and every decision region gets one graph.
     """
-    regions = _compiled_regions(trace_parts(self, hidden_states, top_k_index.shape[-1]))
+    # top_k is symbolic where the experts call starts a frame of its own (after a graph break upstream, or the module
+    # compiled alone: its inputs are then graph inputs, every dimension dynamic). `operator.index` specialises it
+    # with a guard (`int` keeps it symbolic), so the table's parts stay constants and the lookup does not break the
+    # graph.
+    regions = _compiled_regions(trace_parts(self, hidden_states, operator.index(top_k_index.shape[-1])))
     num_tokens = hidden_states.shape[0]
     backend = regions[-1][1]
     for last, name in regions[:-1]:

@@ -10,7 +10,8 @@ import autoexperts
 from autoexperts import compile_mode as modes
 from autoexperts import selection
 from autoexperts.calibration.run import calibrate
-from tests.conftest import CROSSOVER_CURVES, layer_spec, synthetic_profile, tiny_model
+from autoexperts.layer import backend_forward
+from tests.conftest import CROSSOVER_CURVES, experts_modules, layer_spec, synthetic_profile, tiny_model
 
 # Token counts spread over both regions of CROSSOVER_CURVES (batched_mm up to 8 tokens, grouped_mm beyond).
 SEQUENCE_LENGTHS = [1, 2, 3, 5, 8, 9, 12, 17, 30, 33, 64]
@@ -98,6 +99,42 @@ def test_inductor_fullgraph_matches_eager(profile_dir, save):
             logits = compiled(input_ids=_input_ids(seq)).logits
             torch.testing.assert_close(logits, _eager_logits(model, _input_ids(seq)), rtol=1e-4, atol=1e-4)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2 + 1
+
+
+@pytest.mark.parametrize(
+    "upstream_break",
+    [
+        False,  # the experts module compiled on its own: its inputs are graph inputs, every dimension symbolic
+        True,  # a graph break just before the experts call (as any break upstream in a model makes it a frame)
+    ],
+)
+def test_experts_call_as_its_own_frame_traces_without_graph_break(profile_dir, save, upstream_break):
+    model = tiny_model("qwen3_moe")
+    save(synthetic_profile(layer_spec(model), CROSSOVER_CURVES, compile_mode="default"))
+    experts = experts_modules(model)[0]
+    hidden_dim, top_k = layer_spec(model).hidden_dim, layer_spec(model).top_k
+
+    def call(hidden_states, top_k_index, top_k_weights):
+        if upstream_break:
+            torch._dynamo.graph_break()
+        return experts(hidden_states, top_k_index, top_k_weights)
+
+    recorder = GraphRecorder()
+    compiled = torch.compile(call, backend=recorder, fullgraph=not upstream_break, dynamic=True)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for num_tokens in (3, 20):  # one call in each region
+            hidden_states = torch.randn(num_tokens, hidden_dim, generator=generator)
+            top_k_index = torch.stack(
+                [torch.randperm(experts.num_experts, generator=generator)[:top_k] for _ in range(num_tokens)]
+            )
+            top_k_weights = torch.rand(num_tokens, top_k, generator=generator)
+            expected = backend_forward("eager", type(experts))(experts, hidden_states, top_k_index, top_k_weights)
+            torch.testing.assert_close(compiled(hidden_states, top_k_index, top_k_weights), expected)
+    if not upstream_break:
+        assert not torch._dynamo.utils.counters["graph_break"]
+    # Every graph holds the whole experts call: one backend's matmuls each, none split at the table lookup.
+    assert [recorder.backends_of(i) for i in range(len(recorder.graphs))] == [{"batched_mm"}, {"grouped_mm"}]
 
 
 def test_without_compiled_profile_borrows_uncompiled_one_without_eager_and_warns_once(profile_dir, save):
