@@ -181,6 +181,23 @@ def test_sweep_stops_timing_a_backend_far_slower_than_the_fastest(monkeypatch, s
     assert [results["eager", n] for n in (1, 2, 4, 8)] == ["ok", "ok", "slow", "slow"]
 
 
+def test_sweep_keeps_timing_a_slow_backend_whose_calls_are_cheap(monkeypatch, small_layer):
+    def slow(forward, *args):
+        time.sleep(0.02)  # far slower than grouped_mm, but 3 calls fit well within the point's 0.5 s
+        return forward(*args)
+
+    _wrap_backend(monkeypatch, "eager", slow)
+    options = SweepOptions(
+        tokens=[1, 2, 4, 8], backends=["eager", "grouped_mm"], seconds_per_point=0.5, max_repeats=3, progress=False,
+        slow_factor=2.0,
+    )  # fmt: skip
+    results = {
+        (m.backend, m.num_tokens): m.status for m in run_sweep(small_layer, torch.device("cpu"), torch.float32, options)
+    }
+    # A flat latency (here 20 ms at every count) may still cross a growing one: it is measured at every count.
+    assert [results["eager", n] for n in (1, 2, 4, 8)] == ["ok", "ok", "ok", "ok"]
+
+
 # Interrupted calibrations: the checkpoint and --resume.
 
 CALIBRATION = {
