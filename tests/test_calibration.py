@@ -1,6 +1,7 @@
 """Calibration pieces: presets and model sources, the experts layer, peak memory on CPU, and the sweep."""
 
 import json
+import signal
 import time
 import weakref
 
@@ -196,6 +197,28 @@ def test_sweep_keeps_timing_a_slow_backend_whose_calls_are_cheap(monkeypatch, sm
     }
     # A flat latency (here 20 ms at every count) may still cross a growing one: it is measured at every count.
     assert [results["eager", n] for n in (1, 2, 4, 8)] == ["ok", "ok", "ok", "ok"]
+
+
+def test_ctrl_c_swallowed_by_a_finalizer_still_stops_the_sweep(monkeypatch, small_layer):
+    class Doomed:
+        pass
+
+    def interrupted_in_finalizer(forward, module, hidden_states, *args):
+        if hidden_states.shape[0] == 4:  # as when Ctrl-C lands in the CPU memory tracker's weakref callbacks
+            weakref.finalize(Doomed(), signal.raise_signal, signal.SIGINT)  # Python prints "Exception ignored"
+        return forward(module, hidden_states, *args)
+
+    _wrap_backend(monkeypatch, "eager", interrupted_in_finalizer)
+    saved = []
+    options = SweepOptions(
+        tokens=[1, 2, 4, 8], backends=["eager", "grouped_mm"], seconds_per_point=0.01, progress=False,
+        on_point=lambda points: saved.append({m.num_tokens for m in points}),
+    )  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(small_layer, torch.device("cpu"), torch.float32, options)
+    # The interrupted count is not saved (its memory bookkeeping may be cut short), the counts before it are.
+    assert saved[-1] == {1, 2}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 # Interrupted calibrations: the checkpoint and --resume.

@@ -25,6 +25,7 @@ tracker cannot see inside compiled code (on CUDA the allocator's statistics see 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import statistics
@@ -38,6 +39,7 @@ from ..cost_model import Measurement
 from ..layer import backend_forward
 from ..timing import interleaved_rounds, repeats_for, timed_call_ms
 from .experts_layer import ExpertsLayer, routed_inputs
+from .interrupts import raise_if_interrupted, remember_interrupts
 from .memory import peak_call_bytes
 
 logger = logging.getLogger(__name__)
@@ -213,7 +215,8 @@ def run_sweep(
 
     total = len(options.tokens) * len(options.backends) - len(done)
     bar = tqdm(total=max(total, 0), disable=not options.progress, desc="calibrating", unit="point", leave=False)
-    try:  # an interruption closes the bar too, so a message printed next starts on a line of its own
+    # An interruption closes the bar too, so a message printed next starts on a line of its own.
+    with remember_interrupts(), contextlib.closing(bar):
         for num_tokens in options.tokens:
             pending = [b for b in options.backends if (b, num_tokens) not in done]
             if not pending:
@@ -258,6 +261,9 @@ def run_sweep(
                     previous_medians = _measure_again(
                         results, again, functions, memory_functions, layer, device, dtype, options
                     )
+            # A Ctrl-C that a finalizer swallowed (see `interrupts`) may have cut the memory tracker's bookkeeping:
+            # this count's points are dropped, not saved.
+            raise_if_interrupted()
             for backend, (status, message) in failures.items():
                 logger.info("%s failed at %d tokens (%s); it leaves the sweep", backend, num_tokens, message)
                 results.append(Measurement(backend, num_tokens, status, error=message))
@@ -281,6 +287,4 @@ def run_sweep(
             del hidden_states, top_k_index, top_k_weights, inputs
             if options.on_point is not None:
                 options.on_point(sorted(results, key=lambda m: (m.num_tokens, m.backend)))
-    finally:
-        bar.close()
     return sorted(results, key=lambda m: (m.num_tokens, m.backend))
