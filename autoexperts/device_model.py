@@ -136,7 +136,9 @@ def _fit_backends(shapes: Sequence[ShapePoints], backends: Sequence[str], form: 
         return {}
     latency = {}
     if form == "relative":
-        reference = max(points, key=lambda b: len(points[b][1]))
+        # Ties go to the first name in sorted order, so a refit from the JSON (whose backend order may differ from
+        # the calibration's) picks the same reference.
+        reference = max(sorted(points), key=lambda b: len(points[b][1]))
         specs, tokens, times, _ = points[reference]
         reference_fit = _fit_latency("power", _features(specs, tokens), times)
         reference_ms = {(spec, n): ms for spec, n, ms in zip(specs, tokens, times, strict=True)}

@@ -109,6 +109,20 @@ def test_the_fitted_model_recovers_the_crossovers_of_an_unseen_shape(synthetic_m
     assert {r.source for r in table.regions} == {"device_model"}
 
 
+def test_relative_form_predicts_the_same_whatever_the_order_of_the_backends():
+    # Every backend has as many points: the reference backend is a tie, which a refit from the JSON (backends in
+    # another order) must break the same way.
+    shapes = _synthetic_shapes(_design_specs(6))
+    forward = DeviceModel.of_form(shapes, BACKENDS, "relative")
+    backward = DeviceModel.of_form(shapes, BACKENDS[::-1], "relative")
+    tokens = np.array([1, 7, 100, 5000])
+    for spec in UNSEEN:
+        for backend in BACKENDS:
+            np.testing.assert_allclose(
+                forward.latency_ms(spec, backend, tokens), backward.latency_ms(spec, backend, tokens)
+            )
+
+
 def test_memory_predictions_keep_the_budget(synthetic_model):
     spec = UNSEEN[0]
     gathered = work_features(spec, np.array([4.0]))["gather_bytes"][0]
