@@ -12,3 +12,6 @@ DEFAULT = "default"
 CALIBRATION_MODES = (NONE, DEFAULT, "max-autotune-no-cudagraphs")
 # The parts of `autoexperts bench`, in the order they run.
 BENCH_PARTS = ("sweep", "forward", "generate", "overhead")
+# How tokens reach a rank's experts under expert parallelism (`calibrate --ep-implementation`), as Transformers'
+# `DistributedConfig.ep_implementation` names them.
+EP_IMPLEMENTATIONS = ("auto", "all_to_all", "all_reduce")

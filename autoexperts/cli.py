@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from . import settings
-from .choices import BENCH_PARTS, CALIBRATION_MODES
+from .choices import BENCH_PARTS, CALIBRATION_MODES, EP_IMPLEMENTATIONS
 from .errors import BackendFailedWarning, CalibrationInterrupted, ProfileWarning, UsageError
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,16 @@ def _choice_list(choices: tuple[str, ...], noun: str):
         return names
 
     return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -137,6 +147,22 @@ def _build_parser() -> argparse.ArgumentParser:
         "--full-grid",
         action="store_true",
         help="measure every default token count even when a device model could pick the counts around its crossovers",
+    )
+    calibrate.add_argument(
+        "--tp-size", type=_positive_int, default=1, help="tensor-parallel ranks, as in DistributedConfig (default: 1)"
+    )
+    calibrate.add_argument(
+        "--ep-size",
+        type=_positive_int,
+        default=1,
+        help="expert-parallel ranks, as in DistributedConfig: calibrate the layer one rank runs (default: 1)",
+    )
+    calibrate.add_argument(
+        "--ep-implementation",
+        choices=EP_IMPLEMENTATIONS,
+        default="auto",
+        help="how tokens reach a rank's experts, as in DistributedConfig (default: auto, Transformers' inference "
+        "choice: all_reduce when --ep-size equals --tp-size, else all_to_all)",
     )
     calibrate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     calibrate.add_argument(
@@ -260,6 +286,9 @@ def _calibrate(args: argparse.Namespace) -> int:
         resume=args.resume,
         compile_mode=args.compile_mode,
         full_grid=args.full_grid,
+        tp_size=args.tp_size,
+        ep_size=args.ep_size,
+        ep_implementation=args.ep_implementation,
     )
     budget, label = _budget(None, profile.spec.device_type)
     print(describe_profile(profile, budget, label))
@@ -278,7 +307,7 @@ def _calibrate_device_model(args: argparse.Namespace, device, out: Path) -> int:
         f"--{name.replace('_', '-')}"
         for name in ("model", "tokens", "backends", "top_k", "full_grid")
         if getattr(args, name)
-    ]
+    ] + [f"--{name.replace('_', '-')}" for name in ("tp_size", "ep_size") if getattr(args, name) != 1]
     if given:
         raise UsageError(f"--device-model sweeps its own design shapes and token counts: drop {', '.join(given)}")
     profile = calibrate_device_model(

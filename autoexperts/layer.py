@@ -87,13 +87,25 @@ class LayerSpec:
     has_post_expert_norm: bool
     dtype: str
     device_type: str
+    # > 1 for a rank's layer under all-reduce expert parallelism: it holds 1/expert_shards of the model's experts and
+    # is called with every route, those to other ranks' experts as sentinel ids (see `autoexperts.expert_parallel`).
+    expert_shards: int = 1
 
     @classmethod
     def of(cls, module: torch.nn.Module, top_k: int) -> LayerSpec:
-        """Reads the spec off an experts module (its weights give the dimensions, whatever the attribute names)."""
+        """Reads the spec off an experts module (its weights give the dimensions, whatever the attribute names; under
+        expert parallelism, the rank's own experts)."""
+        from .expert_parallel import expert_shards
+
         down_proj = module.down_proj
         return cls.from_parts(
-            type(module), tuple(down_proj.shape), down_proj.dtype, down_proj.device, *layout_flags(module), top_k
+            type(module),
+            tuple(down_proj.shape),
+            down_proj.dtype,
+            down_proj.device,
+            *layout_flags(module),
+            top_k,
+            expert_shards(module, top_k),
         )
 
     @classmethod
@@ -108,6 +120,7 @@ class LayerSpec:
         has_bias: bool,
         has_post_expert_norm: bool,
         top_k: int,
+        expert_shards: int = 1,
     ) -> LayerSpec:
         """The spec from plain values (what a `torch.compile` trace can hand over as constants)."""
         num_experts, rows, cols = down_proj_shape  # (num_experts, hidden_dim, intermediate_dim), or transposed
@@ -124,6 +137,7 @@ class LayerSpec:
             has_post_expert_norm=bool(has_post_expert_norm),
             dtype=str(dtype).removeprefix("torch."),
             device_type=torch.device(device).type,
+            expert_shards=int(expert_shards),
         )
 
     @property
@@ -137,17 +151,20 @@ class LayerSpec:
         """The fields a profile must match, without dtype and device (recorded on their own)."""
         fields = dataclasses.asdict(self)
         del fields["dtype"], fields["device_type"]
+        if self.expert_shards == 1:  # a whole layer: recorded as before expert parallelism was known
+            del fields["expert_shards"]
         return fields
 
     def describe(self) -> str:
         return (
             f"{self.experts_class}(num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
-            f"intermediate_dim={self.intermediate_dim}, top_k={self.top_k}, {self.dtype}, {self.device_type})"
+            f"intermediate_dim={self.intermediate_dim}, top_k={self.top_k}, {self.dtype}, {self.device_type}"
+            + (f", 1/{self.expert_shards} of the experts, all-reduce EP)" if self.expert_shards > 1 else ")")
         )
 
     def file_stem(self, compile_mode: str) -> str:
         """The profile file name (without suffix) for this spec and compile mode."""
         return (
             f"{self.experts_class.lower()}-e{self.num_experts}-h{self.hidden_dim}-i{self.intermediate_dim}"
-            f"-k{self.top_k}-{self.dtype}-{compile_mode}"
+            f"-k{self.top_k}{f'-ep{self.expert_shards}' if self.expert_shards > 1 else ''}-{self.dtype}-{compile_mode}"
         )

@@ -225,8 +225,11 @@ def _back_up(json_path: Path, model_path: Path) -> Replaced | None:
 def spec_from_record(record: dict) -> LayerSpec:
     experts = record["experts"]
     fields = {f.name for f in dataclasses.fields(LayerSpec)} - {"dtype", "device_type"}
+    defaults = {f.name: f.default for f in dataclasses.fields(LayerSpec) if f.default is not dataclasses.MISSING}
     return LayerSpec(
-        **{name: experts[name] for name in fields}, dtype=record["dtype"], device_type=record["device"]["type"]
+        **{name: experts.get(name, defaults.get(name)) if name in defaults else experts[name] for name in fields},
+        dtype=record["dtype"],
+        device_type=record["device"]["type"],
     )
 
 

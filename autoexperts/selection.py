@@ -32,6 +32,7 @@ from .choices import CALIBRATION_MODES, DEFAULT, NONE
 from .cost_model import CostModel
 from .device import device_name
 from .errors import ProfileWarning
+from .expert_parallel import calibrate_args, expert_shards
 from .layer import BATCHED_MM, DEFAULT_BACKENDS, EAGER, GROUPED_MM, LayerSpec, layout_flags, registered_backends
 from .table import DecisionTable, Region, build_profile_table
 
@@ -65,17 +66,22 @@ class LayerKey:
     experts_class: type = dataclasses.field(default=torch.nn.Module, compare=False)
     model_id: str = dataclasses.field(default="", compare=False)
 
+    # The `calibrate` options that give a rank's layer under expert parallelism (named in warnings).
+    parallel_args: str = dataclasses.field(default="", compare=False)
+
     @classmethod
     def of(cls, module: torch.nn.Module, device: torch.device, top_k: int, compile_mode: str = NONE) -> LayerKey:
         """The key of an experts module called on `device` with `top_k` experts per token."""
-        return cls(LayerSpec.of(module, top_k), torch.device(device), compile_mode, type(module), model_id_of(module))
+        spec = LayerSpec.of(module, top_k)
+        args = calibrate_args(module, top_k)
+        return cls(spec, torch.device(device), compile_mode, type(module), model_id_of(module), args)
 
     @classmethod
     def from_trace_parts(cls, parts: tuple, compile_mode: str) -> LayerKey:
         """The key from `trace_parts`' plain tuple (what a `torch.compile` trace hands over as a constant)."""
-        experts_class, down_proj_shape, dtype, device, flags, top_k, model_id = parts
-        spec = LayerSpec.from_parts(experts_class, down_proj_shape, dtype, device, *flags, top_k)
-        return cls(spec, torch.device(device), compile_mode, experts_class, model_id)
+        experts_class, down_proj_shape, dtype, device, flags, top_k, shards, model_id, args = parts
+        spec = LayerSpec.from_parts(experts_class, down_proj_shape, dtype, device, *flags, top_k, shards)
+        return cls(spec, torch.device(device), compile_mode, experts_class, model_id, args)
 
 
 def trace_parts(module: torch.nn.Module, hidden_states: torch.Tensor, top_k: int) -> tuple:
@@ -87,7 +93,9 @@ def trace_parts(module: torch.nn.Module, hidden_states: torch.Tensor, top_k: int
         hidden_states.device,
         layout_flags(module),
         top_k,
+        expert_shards(module, top_k),
         model_id_of(module),
+        calibrate_args(module, top_k),
     )
 
 
@@ -181,6 +189,8 @@ def _device_model_selection(
     from .device_profile import find_device_profile
 
     spec = key.spec
+    if spec.expert_shards > 1:  # the design sweep has no sentinel routes: its work features cannot see their cost
+        return None
     for profile_mode in profile_modes(key.compile_mode):
         cache_key = (name, spec.dtype, profile_mode, tuple(profiles.search_dirs()))
         if cache_key not in _device_models:
@@ -272,6 +282,8 @@ def calibrate_hint(key: LayerKey) -> str:
     """The command that calibrates `key`'s layer on its device and in its compile mode."""
     model = key.model_id or "<model id or config folder>"
     command = f"autoexperts calibrate --model {model} --device {key.device.type} --dtype {key.spec.dtype}"
+    if key.parallel_args:
+        command += f" {key.parallel_args}"
     if key.compile_mode != NONE:
         mode = key.compile_mode if key.compile_mode in CALIBRATION_MODES else DEFAULT
         command += f" --compile {mode}"

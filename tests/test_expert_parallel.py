@@ -1,11 +1,16 @@
 """Expert parallelism: an experts layer holding only its rank's experts gets sentinel ids (>= its `num_experts`, with
 zero weight) for the other ranks' experts. `auto` delegates to Transformers' backend functions, which handle them."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import autoexperts
+from autoexperts.calibration.experts_layer import routed_inputs
+from autoexperts.calibration.run import calibrate
 from autoexperts.layer import LayerSpec, backend_forward
+from autoexperts.profile import load_profile
 from tests.conftest import experts_modules, synthetic_profile, tiny_model
 
 BACKENDS = ["eager", "batched_mm", "grouped_mm"]
@@ -85,3 +90,73 @@ def test_auto_equals_chosen_backend_with_sentinel_ids(model_type, backend, profi
             experts, hidden_states, top_k_index.masked_fill(is_remote, 0), top_k_weights
         )
     torch.testing.assert_close(auto, local_only, rtol=1e-5, atol=1e-6)
+
+
+# A rank's layer: what auto keys its decisions on, and what `calibrate --ep-size` measures.
+
+
+@pytest.mark.parametrize(
+    ("top_k", "expert_shards"),
+    [
+        (2, 2),  # all-reduce: the whole batch at the model's top-2, the other rank's experts as sentinels
+        (1, 1),  # all-to-all: only this rank's (token, expert) pairs, top-1: a plain layer of 4 experts
+    ],
+)
+def test_a_ranks_layer_is_keyed_by_its_local_shape(top_k, expert_shards):
+    spec = LayerSpec.of(_local_experts("qwen3_moe"), top_k)
+    assert (spec.num_experts, spec.top_k, spec.expert_shards) == (LOCAL_EXPERTS, top_k, expert_shards)
+    assert ("-ep2-" in spec.file_stem("none")) == (expert_shards > 1)
+    # A whole layer is keyed as before expert parallelism was known (its profiles keep their names and fields).
+    whole = LayerSpec.of(experts_modules(tiny_model("qwen3_moe"))[0], 2)
+    assert whole.expert_shards == 1 and "expert_shards" not in whole.shape_fields()
+    assert whole.file_stem("none") == "qwen3moeexperts-e8-h64-i32-k2-float32-none"
+
+
+def test_sweep_inputs_of_a_ranks_all_reduce_layer_route_the_other_ranks_share_to_the_sentinel():
+    whole = LayerSpec.of(experts_modules(tiny_model("qwen3_moe"))[0], 2)
+    spec = dataclasses.replace(whole, num_experts=2, expert_shards=4)  # 1 of 4 ranks, 2 of the 8 experts each
+    _, top_k_index, top_k_weights = routed_inputs(spec, 4000, torch.device("cpu"), torch.float32)
+    sentinel = top_k_index == spec.num_experts
+    assert int(top_k_index.min()) >= 0 and int(top_k_index.max()) == spec.num_experts
+    # 3/4 of uniform routes go to other ranks' experts (8000 routes: the share is 0.75 +- 0.02 with overwhelming odds).
+    assert abs(float(sentinel.float().mean()) - 0.75) < 0.02
+    assert torch.all(top_k_weights[sentinel] == 0) and torch.all(top_k_weights[~sentinel] > 0)
+
+
+@pytest.mark.parametrize(
+    ("options", "stem", "top_k", "shards"),
+    [
+        ({"ep_size": 2, "ep_implementation": "all_to_all"}, "e4-h64-i32-k1-float32", 1, 1),  # own pairs, top-1
+        ({"ep_size": 2, "tp_size": 2}, "e4-h64-i32-k2-ep2-float32", 2, 2),  # auto: ep == tp runs all-reduce
+        ({"tp_size": 2}, "e8-h64-i32-k2-float32", 2, 1),  # tensor parallelism leaves the experts whole
+    ],
+)
+def test_calibrate_measures_the_layer_one_rank_runs(tmp_path, options, stem, top_k, shards):
+    folder = tmp_path / "model"
+    tiny_model("qwen3_moe", experts_implementation="eager").save_pretrained(folder)
+    profile = calibrate(
+        model=str(folder), device="cpu", tokens=[1, 8], out=tmp_path / "profiles", progress=False,
+        seconds_per_point=0.01, **options,
+    )  # fmt: skip
+    assert profile.json_path.name == f"qwen3moeexperts-{stem}-none.json"
+    assert (profile.spec.top_k, profile.spec.expert_shards) == (top_k, shards)
+    recorded = load_profile(profile.json_path)
+    assert recorded.spec == profile.spec
+    assert recorded.metadata["parallel"]["ep_size"] == options.get("ep_size", 1)
+
+
+def test_processes_of_one_torchrun_launch_measure_a_layer_once(tmp_path, monkeypatch):
+    from autoexperts.calibration import run
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test-launch")  # as torchrun sets it for every rank it starts
+    sweeps = []
+    real_sweep = run.run_sweep
+    monkeypatch.setattr(run, "run_sweep", lambda *args: sweeps.append(1) or real_sweep(*args))
+    kwargs = {"model": "small-moe", "device": "cpu", "tokens": [1, 8], "out": tmp_path, "progress": False}
+    first = calibrate(seconds_per_point=0.01, ep_size=2, **kwargs)
+    second = calibrate(seconds_per_point=0.01, ep_size=2, **kwargs)  # a later rank: the layer is measured already
+    assert len(sweeps) == 1 and second.json_path == first.json_path
+    assert second.measurements == first.measurements
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "another-launch")  # a new launch measures again
+    calibrate(seconds_per_point=0.01, ep_size=2, **kwargs)
+    assert len(sweeps) == 2

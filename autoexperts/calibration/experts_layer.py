@@ -14,6 +14,7 @@ from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
 
 from ..device import free_memory_bytes
 from ..errors import UsageError
+from ..expert_parallel import ALL_TO_ALL, shard_experts
 from ..layer import LayerSpec, is_experts_module
 
 logger = logging.getLogger(__name__)
@@ -65,10 +66,20 @@ def _check_fits(experts: torch.nn.Module, model_type: str, device: torch.device)
 
 
 def build_experts_layer(
-    config: PretrainedConfig, device: torch.device, dtype: torch.dtype, top_k: int | None = None, seed: int = 0
+    config: PretrainedConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    top_k: int | None = None,
+    seed: int = 0,
+    ep_size: int = 1,
+    ep_implementation: str = "",
 ) -> ExpertsLayer:
     """Builds the model's first experts layer on `device` in `dtype`, with N(0, 0.02) weights (left
     uninitialised on the meta device).
+
+    With `ep_size > 1` it is one rank's layer under Transformers' expert parallelism: `num_experts / ep_size` experts,
+    called at top-1 (`ep_implementation="all_to_all"`, each rank gets its own routes) or at the model's top-k with
+    sentinel ids for the other ranks' experts (`"all_reduce"`, see `autoexperts.expert_parallel`).
 
     Raises:
         `UsageError`: when the model has no experts layer that Transformers' experts interface drives.
@@ -82,6 +93,10 @@ def build_experts_layer(
         )
     top_k = top_k or _top_k(getattr(experts, "config", config), model)
     del model
+    if ep_size > 1:
+        shard_experts(experts, ep_size)
+        if ep_implementation == ALL_TO_ALL:
+            top_k = 1
     if device.type != "meta":
         _check_fits(experts, config.model_type, device)
     layer = experts.to_empty(device=device)
@@ -101,7 +116,9 @@ def build_experts_layer(
 def routed_inputs(
     spec: LayerSpec, num_tokens: int, device: torch.device, dtype: torch.dtype, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random hidden states and uniform top-k routing (distinct experts per token) for `num_tokens` tokens.
+    """Random hidden states and uniform top-k routing (distinct experts per token) for `num_tokens` tokens; for a
+    rank's layer under all-reduce expert parallelism (`spec.expert_shards > 1`), routing over the whole model's
+    experts with the other ranks' as sentinel ids.
 
     Returns:
         `hidden_states (num_tokens, hidden_dim)`, `top_k_index (num_tokens, top_k)` int64,
@@ -109,7 +126,14 @@ def routed_inputs(
     """
     generator = torch.Generator(device="cpu").manual_seed(seed + num_tokens)
     hidden_states = torch.randn(num_tokens, spec.hidden_dim, generator=generator)  # (num_tokens, hidden_dim)
-    scores = torch.rand(num_tokens, spec.num_experts, generator=generator)  # (num_tokens, num_experts)
+    model_experts = spec.num_experts * spec.expert_shards  # the whole model's, under all-reduce expert parallelism
+    scores = torch.rand(num_tokens, model_experts, generator=generator)  # (num_tokens, model_experts)
     top_k_index = scores.topk(spec.top_k, dim=-1).indices  # (num_tokens, top_k)
     top_k_weights = torch.randn(num_tokens, spec.top_k, generator=generator).softmax(dim=-1)  # (num_tokens, top_k)
+    if spec.expert_shards > 1:
+        # As Transformers' all-reduce expert parallelism hands a rank the batch: its own experts 0..num_experts-1,
+        # the others' as the sentinel id num_experts with weight 0.
+        remote = top_k_index >= spec.num_experts  # (num_tokens, top_k)
+        top_k_index = top_k_index.masked_fill(remote, spec.num_experts)
+        top_k_weights = top_k_weights.masked_fill(remote, 0.0)
     return hidden_states.to(device, dtype), top_k_index.to(device), top_k_weights.to(device, dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,9 +17,11 @@ from ..choices import CALIBRATION_MODES
 from ..cost_model import CostModel
 from ..device import device_name, driver_version, free_memory_bytes, gpu_driver_version
 from ..errors import CalibrationInterrupted, UsageError
+from ..expert_parallel import parallel_layer, resolve_ep_implementation
 from ..freshness import library_versions
 from ..layer import DEFAULT_BACKENDS, registered_backends
-from ..profile import Profile, default_write_dir, profile_path, save_profile
+from ..locking import file_lock
+from ..profile import Profile, default_write_dir, load_profile, profile_path, save_profile
 from ..selection import runnable_backends
 from .adaptive import device_model_tokens
 from .checkpoint import checkpoint_path, read_checkpoint, write_checkpoint
@@ -31,6 +34,14 @@ logger = logging.getLogger(__name__)
 COMPILE_MODES = CALIBRATION_MODES
 # The share of the device's free memory (after the layer is built) that one sweep point may take.
 SWEEP_MEMORY_FRACTION = 0.7
+# How long a process waits for another one calibrating the same layer (a max-autotune calibration takes long).
+CALIBRATION_LOCK_TIMEOUT_S = 6 * 3600
+
+
+def calibration_lock(target: Path):
+    """Held while a process calibrates the layer whose profile is `target` (without suffix)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return file_lock(target.parent / f".{target.name}.calibrating", CALIBRATION_LOCK_TIMEOUT_S)
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -69,6 +80,9 @@ def calibrate(
     resume: bool = False,
     compile_mode: str = "none",
     full_grid: bool = False,
+    tp_size: int = 1,
+    ep_size: int = 1,
+    ep_implementation: str = "auto",
 ) -> Profile:
     """Calibrates one model's experts layer on a device and saves the profile.
 
@@ -90,6 +104,13 @@ def calibrate(
         compile_mode (`str`): `"none"`, `"default"` or `"max-autotune-no-cudagraphs"`: the `torch.compile` mode the
             backends are measured in (compiled with `dynamic=True, fullgraph=True`); the profile serves that mode.
         full_grid (`bool`): measure the whole default grid even when a device model could guide the sweep.
+        tp_size (`int`), ep_size (`int`), ep_implementation (`str`): as in Transformers' `DistributedConfig`: calibrate
+            the layer one rank runs under that parallelism (see `autoexperts.expert_parallel`), which `auto` finds
+            from inside the distributed run.
+
+    Several processes calibrating the same layer on the same kind of device at once (the ranks of a `torchrun`
+    launch) measure it once: the first takes the layer's lock and measures, the others wait for it and return the
+    profile it saved.
 
     The points measured so far are checkpointed after every token count; the checkpoint is removed once the
     profile is saved.
@@ -122,11 +143,58 @@ def calibrate(
             raise UsageError("token counts must be positive integers")
     folder = Path(out) if out is not None else default_write_dir()
     source = resolve_model(model)
+    implementation = resolve_ep_implementation(ep_implementation, tp_size, ep_size)
+    parallel = parallel_layer(source.config, top_k, tp_size, ep_size, implementation)
 
     started = time.perf_counter()
-    layer = build_experts_layer(source.config, torch_device, torch_dtype, top_k=top_k)
+    layer = build_experts_layer(
+        source.config, torch_device, torch_dtype, top_k=top_k, ep_size=ep_size, ep_implementation=implementation
+    )
     backends = runnable_for_shape(layer.spec, list(backends))
     name = device_name(torch_device)
+    target = profile_path(folder, name, layer.spec.file_stem(compile_mode))  # without suffix
+    waiting_since, launch = time.time(), launch_id()
+    with calibration_lock(target):
+        measured_meanwhile = _measured_meanwhile(target.with_name(f"{target.name}.json"), waiting_since, launch)
+        if measured_meanwhile is not None:
+            logger.info("%s was calibrated by another process meanwhile: %s", layer.spec.describe(), target)
+            return measured_meanwhile
+        return _calibrate_layer(
+            layer, source, name, torch_device, torch_dtype, folder, list(backends), tokens, progress,
+            seconds_per_point, resume, compile_mode, full_grid, {**parallel, "launch": launch} if launch else parallel,
+            started,
+        )  # fmt: skip
+
+
+def launch_id() -> str | None:
+    """What the processes of one `torchrun` launch on one node share (`None` outside torchrun): its run id and
+    rendezvous address, and the agent process that started them."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
+        return None
+    parts = [os.environ.get(name, "") for name in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")]
+    return ":".join([*parts, str(os.getppid())])
+
+
+def _measured_meanwhile(json_path: Path, since: float, launch: str | None) -> Profile | None:
+    """The profile at `json_path` if another process measured it while this one waited for the layer's lock: one
+    of the same `torchrun` launch, or one that wrote it at or after `since` (`time.time()`)."""
+    try:
+        written = json_path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    if written < since and launch is None:
+        return None
+    profile = load_profile(json_path)
+    if written >= since or profile.metadata.get("parallel", {}).get("launch") == launch:
+        return profile
+    return None
+
+
+def _calibrate_layer(
+    layer, source, name, torch_device, torch_dtype, folder, backends, tokens, progress, seconds_per_point, resume,
+    compile_mode, full_grid, parallel, started,
+) -> Profile:  # fmt: skip
+    """The sweep, fit and save of `calibrate` (under the layer's calibration lock)."""
     memory_limit = SWEEP_MEMORY_FRACTION * free_memory_bytes(torch_device)
     guide = None
     if tokens is None and not full_grid:
@@ -166,6 +234,8 @@ def calibrate(
         measurements = run_sweep(layer, torch_device, torch_dtype, options)
         elapsed = time.perf_counter() - started
         profile = _profile(layer, source, name, torch_device, measurements, options, elapsed, guide)
+        if parallel:
+            profile.metadata["parallel"] = parallel
         save_profile(profile, folder)
     except KeyboardInterrupt as interrupt:
         kept = checkpoint if checkpoint.is_file() else None

@@ -1,0 +1,131 @@
+"""What a rank's experts layer is under Transformers' tensor and expert parallelism (`DistributedConfig`).
+
+An experts call's cost depends on what the rank holds and on what it is handed:
+
+- **Tensor parallelism** leaves the experts whole where the expert-parallel plan owns them (Transformers 5.21+ drops
+  tensor-parallel rules on expert modules); a model whose tensor-parallel plan shards its experts gets a narrower
+  intermediate size on each rank. Either way the rank's weights say which, and `LayerSpec.of` reads them.
+- **Expert parallelism, all-to-all**: each rank holds `num_experts / ep_size` experts and its experts call gets only
+  the (token, expert) pairs routed to them, one per row (top-1, unit weights). A plain layer of the local experts
+  at top-1: nothing to mark.
+- **Expert parallelism, all-reduce** (`ep_size == tp_size`, inference): each rank holds `num_experts / ep_size`
+  experts and its experts call gets the whole batch at the model's top-k, the routes to other ranks' experts as the
+  sentinel id `num_experts` (local) with weight 0. `grouped_mm` skips those rows, `batched_mm` still computes them:
+  the cost depends on the share of sentinels, `1 - 1 / ep_size`, so such a layer's spec carries
+  `expert_shards = ep_size`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .choices import EP_IMPLEMENTATIONS
+from .errors import UsageError
+
+ALL_TO_ALL = "all_to_all"
+ALL_REDUCE = "all_reduce"
+
+# Where Transformers' configs keep the model's total number of routed experts and experts per token.
+_NUM_EXPERTS_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+_TOP_K_ATTRS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k")
+
+
+def _first_int(config, names: tuple[str, ...]) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def expert_shards(module: torch.nn.Module, top_k: int) -> int:
+    """How many ranks share the model's experts in a call that hands this layer every route (all-reduce expert
+    parallelism), else 1.
+
+    A layer Transformers sharded for expert parallelism (`_is_expert_parallel`) holds `module.num_experts` of the
+    model's experts. Called at the model's top-k it gets the whole batch with sentinel ids (all-reduce); called at
+    top-1 by a model routing to more experts, it gets its own pairs only (all-to-all), which is a plain layer.
+    """
+    if not getattr(module, "_is_expert_parallel", False):
+        return 1
+    config = getattr(module, "config", None)
+    local = getattr(module, "num_experts", None)
+    total = _first_int(config, _NUM_EXPERTS_ATTRS)
+    if not isinstance(local, int) or local < 1 or total is None or total % local or total == local:
+        return 1
+    routed_top_k = _first_int(config, _TOP_K_ATTRS)
+    if top_k == 1 and routed_top_k not in (None, 1):
+        return 1  # all-to-all: only this rank's pairs, top-1
+    return total // local
+
+
+def calibrate_args(module: torch.nn.Module, top_k: int) -> str:
+    """The `autoexperts calibrate` options that give this rank's layer ('' for a layer that is not sharded)."""
+    if not getattr(module, "_is_expert_parallel", False):
+        return ""
+    total = _first_int(getattr(module, "config", None), _NUM_EXPERTS_ATTRS)
+    local = getattr(module, "num_experts", None)
+    if total is None or not isinstance(local, int) or local < 1 or total % local or total == local:
+        return ""
+    ep_size = total // local
+    if expert_shards(module, top_k) > 1:
+        return f"--ep-size {ep_size} --tp-size {ep_size} --ep-implementation {ALL_REDUCE}"
+    return f"--ep-size {ep_size} --ep-implementation {ALL_TO_ALL}"
+
+
+def resolve_ep_implementation(ep_implementation: str, tp_size: int, ep_size: int) -> str:
+    """The implementation an inference forward uses: Transformers' `"auto"` runs all-reduce when the expert group
+    shares one batch (`ep_size == tp_size`) and all-to-all otherwise.
+
+    Raises:
+        `UsageError`: for an unknown name, or all-reduce where the expert group does not share a batch.
+    """
+    if ep_implementation not in EP_IMPLEMENTATIONS:
+        raise UsageError(f"unknown --ep-implementation {ep_implementation!r}: use {', '.join(EP_IMPLEMENTATIONS)}")
+    if ep_size == 1:
+        return ""
+    if ep_implementation == "auto":
+        return ALL_REDUCE if ep_size == tp_size else ALL_TO_ALL
+    if ep_implementation == ALL_REDUCE and ep_size != tp_size:
+        raise UsageError(
+            f"all_reduce expert parallelism needs --ep-size equal to --tp-size (got {ep_size} and {tp_size})"
+        )
+    return ep_implementation
+
+
+def parallel_layer(config, top_k: int | None, tp_size: int, ep_size: int, ep_implementation: str) -> dict:
+    """What a profile records of the parallelism its layer was calibrated for (`{}` without any).
+
+    Raises:
+        `UsageError`: unless the sizes split the model as Transformers requires.
+    """
+    for name, size in (("--tp-size", tp_size), ("--ep-size", ep_size)):
+        if not isinstance(size, int) or size < 1:
+            raise UsageError(f"{name} must be a positive integer (got {size})")
+    if tp_size == 1 and ep_size == 1:
+        return {}
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    num_experts = _first_int(text_config, _NUM_EXPERTS_ATTRS)
+    if ep_size > 1:
+        if num_experts is not None and num_experts % ep_size:
+            raise UsageError(f"--ep-size {ep_size} does not divide the model's {num_experts} experts")
+        if ep_size % tp_size:
+            raise UsageError(
+                f"--ep-size must be a multiple of --tp-size, as in Transformers (got {ep_size}, {tp_size})"
+            )
+    return {"tp_size": tp_size, "ep_size": ep_size, "ep_implementation": ep_implementation or None}
+
+
+def shard_experts(experts: torch.nn.Module, ep_size: int) -> None:
+    """Cuts an experts layer (on the meta device) to one rank's `num_experts / ep_size` experts, as Transformers'
+    expert-parallel plan leaves it: every parameter with an experts dimension keeps its first share, and the layer
+    is flagged expert-parallel (so the sentinel id `num_experts` is masked)."""
+    total = experts.num_experts
+    local = total // ep_size
+    for name, parameter in list(experts.named_parameters(recurse=False)):
+        if parameter.dim() >= 1 and parameter.shape[0] == total:
+            local_shape = (local, *parameter.shape[1:])
+            empty = torch.empty(local_shape, dtype=parameter.dtype, device=parameter.device)
+            setattr(experts, name, torch.nn.Parameter(empty, requires_grad=parameter.requires_grad))
+    experts.num_experts = local
+    experts._is_expert_parallel = True
