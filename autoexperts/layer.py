@@ -61,6 +61,15 @@ def backend_forward(name: str, experts_class: type[torch.nn.Module]) -> ExpertsF
     return functions[name]
 
 
+def experts_class_name(experts_class: type) -> str:
+    """The name of the model's experts class, also when a wrapper subclassed it at run time (FSDP2's
+    `fully_shard` turns `Qwen3MoeExperts` into `FSDPQwen3MoeExperts`, defined in `torch.distributed`)."""
+    for cls in experts_class.__mro__:
+        if not cls.__module__.startswith("torch."):
+            return cls.__name__
+    return experts_class.__name__
+
+
 def layout_flags(module: torch.nn.Module) -> tuple[bool, bool, bool, bool]:
     """`(is_transposed, has_gate, has_bias, has_post_expert_norm)` of an experts module (older Transformers versions
     lack some flags; their defaults are the decorator's)."""
@@ -126,7 +135,7 @@ class LayerSpec:
         num_experts, rows, cols = down_proj_shape  # (num_experts, hidden_dim, intermediate_dim), or transposed
         hidden_dim, intermediate_dim = (cols, rows) if is_transposed else (rows, cols)
         return cls(
-            experts_class=experts_class.__name__,
+            experts_class=experts_class_name(experts_class),
             num_experts=int(num_experts),
             hidden_dim=int(hidden_dim),
             intermediate_dim=int(intermediate_dim),

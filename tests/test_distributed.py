@@ -42,42 +42,21 @@ def run_case(case: str, checkpoint: Path, out_dir: Path, profile_dir: Path, extr
 
     The workers read profiles from `profile_dir` (`AUTOEXPERTS_PROFILE_DIR`), with no other `AUTOEXPERTS_*` variable
     of this process's environment, and `extra_env` on top."""
+    env = _environment(profile_dir)
+    env.update(extra_env or {})
+    _launch([str(WORKER), str(checkpoint), case, str(out_dir)], env, case)
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+
+def _environment(profile_dir: Path) -> dict:
+    """This process's environment for the workers: profiles from `profile_dir` and no other `AUTOEXPERTS_*`."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("AUTOEXPERTS_")}
     env.update(
         AUTOEXPERTS_PROFILE_DIR=str(profile_dir),
         OMP_NUM_THREADS="1",  # 2 ranks on a 2-core machine: no oversubscription
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),  # this tree's autoexperts
     )
-    env.update(extra_env or {})
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",  # a local rendezvous on a free port: launches never collide
-        f"--nproc-per-node={WORLD_SIZE}",
-        str(WORKER),
-        str(checkpoint),
-        case,
-        str(out_dir),
-    ]
-    # A session of its own: on a timeout the launcher and both workers are killed together.
-    process = subprocess.Popen(
-        command,
-        env=env,
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"{case}: the workers ran past {TIMEOUT_S} s\n{_tail(stdout, stderr)}")
-    assert process.returncode == 0, f"{case}: the workers failed (exit {process.returncode})\n{_tail(stdout, stderr)}"
-    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    return env
 
 
 def _tail(stdout: str, stderr: str, chars: int = 8000) -> str:
@@ -90,9 +69,11 @@ def decisions_per_rank(results: list[dict]) -> list[list[dict]]:
     return [result["decisions"] for result in results]
 
 
-def _assert_local_layers(results: list[dict], num_experts: int, top_k: int) -> None:
-    """Every decision on every rank was made for the rank's local experts layer, one per layer and forward (a
-    checkpoint's recomputation makes no new decision)."""
+def _assert_local_layers(results: list[dict], case: str, num_experts: int, top_k: int) -> None:
+    """Every decision on every rank was made for the rank's local experts layer by its per-rank profile, one per
+    layer and forward (a checkpoint's recomputation makes no new decision); ranks decide alike for equal counts."""
+    stem = LOCAL_LAYERS[case][0]
+    by_count = {}
     for rank, decisions in enumerate(decisions_per_rank(results)):
         assert len(decisions) == NUM_LAYERS, (rank, decisions)
         for decision in decisions:
@@ -103,7 +84,9 @@ def _assert_local_layers(results: list[dict], num_experts: int, top_k: int) -> N
             ), (rank, decision)
             assert decision["top_k"] == top_k, (rank, decision)
             assert decision["backend"] in {"eager", "batched_mm", "grouped_mm"}, (rank, decision)
-            assert decision["source"] == "fallback", (rank, decision)  # the profile folder is empty
+            assert decision["source"] == "profile" and Path(decision["profile"]).stem == stem, (rank, decision)
+            assert decision["expert_shards"] == (2 if case == "ep_all_reduce" else 1), (rank, decision)
+            assert by_count.setdefault(decision["num_tokens"], decision["backend"]) == decision["backend"]
 
 
 def _assert_all_to_all_token_counts(results: list[dict]) -> None:
@@ -120,6 +103,68 @@ def checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("checkpoint")
     tiny_model("qwen3_moe", experts_implementation="eager").save_pretrained(path)
     return path
+
+
+# Each case's local experts layer and the `calibrate` options that give it (as in `DistributedConfig`).
+LOCAL_LAYERS = {
+    "tp": ("qwen3moeexperts-e8-h64-i32-k2-float32-none", ["--tp-size", "2"]),  # TP leaves the experts whole
+    "ep_all_to_all": (
+        "qwen3moeexperts-e4-h64-i32-k1-float32-none",
+        ["--ep-size", "2", "--ep-implementation", "all_to_all"],
+    ),
+    "ep_all_reduce": ("qwen3moeexperts-e4-h64-i32-k2-ep2-float32-none", ["--ep-size", "2", "--tp-size", "2"]),
+}
+LOCAL_LAYERS["fsdp_ep_train"] = LOCAL_LAYERS["fsdp_ep_train_checkpointing"] = LOCAL_LAYERS["ep_all_to_all"]
+CALIBRATION = ["--device", "cpu", "--tokens", "1,8,32,64", "--seconds-per-point", "0.01", "--no-progress"]
+
+
+def _launch(arguments: list[str], env: dict, what: str) -> str:
+    """Runs `python -m torch.distributed.run --standalone --nproc-per-node 2 ARGUMENTS`; returns its stderr."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD_SIZE}"]
+    # A session of its own: on a timeout the launcher and both workers are killed together.
+    process = subprocess.Popen(
+        command + arguments,
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{what}: the workers ran past {TIMEOUT_S} s\n{_tail(stdout, stderr)}")
+    assert process.returncode == 0, f"{what}: the workers failed (exit {process.returncode})\n{_tail(stdout, stderr)}"
+    return stderr
+
+
+@pytest.fixture(scope="module")
+def profiles(checkpoint, tmp_path_factory) -> Path:
+    """Per-rank profiles of the three local layers, calibrated as a user does: `torchrun ... -m autoexperts
+    calibrate --model CKPT --ep-size 2 ...` on 2 ranks (which measure once) for all-to-all; in this process for the
+    others."""
+    from autoexperts.cli import main
+
+    folder = tmp_path_factory.mktemp("profiles")
+    stderr = _launch(
+        ["-m", "autoexperts", "-v", "calibrate", "--model", str(checkpoint), "--out", str(folder), *CALIBRATION,
+         *LOCAL_LAYERS["ep_all_to_all"][1]],
+        _environment(folder),
+        "calibrate on 2 ranks",
+    )  # fmt: skip
+    # One rank measured the layer, the other found its profile: one sweep, one file, no replaced copy.
+    assert stderr.count("was calibrated by another process meanwhile") == 1, stderr[-4000:]
+    assert not list(folder.rglob("*.previous.json"))
+    for case in ("tp", "ep_all_reduce"):
+        assert (
+            main(["calibrate", "--model", str(checkpoint), "--out", str(folder), *CALIBRATION, *LOCAL_LAYERS[case][1]])
+            == 0
+        )
+    assert sorted(p.stem for p in folder.rglob("*.json")) == sorted({stem for stem, _ in LOCAL_LAYERS.values()})
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +186,7 @@ def eager_model(checkpoint):
         pytest.param("ep_all_reduce", 4, 2, id="ep_all_reduce"),
     ],
 )
-def test_inference_logits_match_eager(case, num_experts, top_k, checkpoint, eager_model, tmp_path):
-    profiles = tmp_path / "profiles"  # empty: auto runs its fallback rule (per-rank profiles would go here)
-    profiles.mkdir()
+def test_inference_logits_match_eager(case, num_experts, top_k, checkpoint, eager_model, profiles, tmp_path):
     results = run_case(case, checkpoint, tmp_path / "out", profiles)
 
     with torch.no_grad():
@@ -151,7 +194,7 @@ def test_inference_logits_match_eager(case, num_experts, top_k, checkpoint, eage
     for rank, result in enumerate(results):
         rows = slice(*result["rows"])
         torch.testing.assert_close(result["logits"], expected[rows], rtol=RTOL, atol=ATOL, msg=f"{case} rank {rank}")
-    _assert_local_layers(results, num_experts, top_k)
+    _assert_local_layers(results, case, num_experts, top_k)
     if CASES[case]["config"].get("ep_implementation") == "all_to_all":
         _assert_all_to_all_token_counts(results)
     else:  # every rank sees the whole batch
@@ -168,9 +211,7 @@ def test_inference_logits_match_eager(case, num_experts, top_k, checkpoint, eage
         "fsdp_ep_train_checkpointing",
     ],
 )
-def test_training_step_matches_eager(case, checkpoint, eager_model, tmp_path):
-    profiles = tmp_path / "profiles"
-    profiles.mkdir()
+def test_training_step_matches_eager(case, checkpoint, eager_model, profiles, tmp_path):
     results = run_case(case, checkpoint, tmp_path / "out", profiles)
 
     model = eager_model.train()
@@ -195,7 +236,7 @@ def test_training_step_matches_eager(case, checkpoint, eager_model, tmp_path):
         torch.testing.assert_close(gradients[name], gradient, rtol=RTOL, atol=ATOL, msg=name)
     model.zero_grad(set_to_none=True)
 
-    _assert_local_layers(results, num_experts=4, top_k=1)
+    _assert_local_layers(results, case, num_experts=4, top_k=1)
     _assert_all_to_all_token_counts(results)
     recomputed = NUM_LAYERS if CASES[case].get("gradient_checkpointing") else 0
     assert all(r["experts_calls"] == {"forward": NUM_LAYERS, "recomputed": recomputed} for r in results), results
