@@ -2,9 +2,10 @@
 
 An experts call's cost depends on what the rank holds and on what it is handed:
 
-- **Tensor parallelism** leaves the experts whole where the expert-parallel plan owns them (Transformers 5.21+ drops
-  tensor-parallel rules on expert modules); a model whose tensor-parallel plan shards its experts gets a narrower
-  intermediate size on each rank. Either way the rank's weights say which, and `LayerSpec.of` reads them.
+- **Tensor parallelism** splits the experts' intermediate size across the ranks where the model's tensor-parallel
+  plan has rules for its experts' weights (Transformers up to 5.24: Qwen3-MoE's 32 becomes 16 at `tp_size=2`), and
+  leaves the experts whole where it has none (5.25 moved experts to the expert-parallel plan). Either way the rank's
+  weights say which, and `LayerSpec.of` reads them; `calibrate --tp-size` follows the installed Transformers' plan.
 - **Expert parallelism, all-to-all**: each rank holds `num_experts / ep_size` experts and its experts call gets only
   the (token, expert) pairs routed to them, one per row (top-1, unit weights). A plain layer of the local experts
   at top-1: nothing to mark.
@@ -17,6 +18,8 @@ An experts call's cost depends on what the rank holds and on what it is handed:
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from .choices import EP_IMPLEMENTATIONS
@@ -24,6 +27,11 @@ from .errors import UsageError
 
 ALL_TO_ALL = "all_to_all"
 ALL_REDUCE = "all_reduce"
+
+# A tensor-parallel plan rule on a routed experts module's weights (not `shared_experts`).
+_TP_EXPERTS_RULE = re.compile(r"(?:^|\.)experts\.")
+# Transformers' deprecated tensor-parallel style for experts: whole experts per rank, sentinel masking, all-reduce.
+_MASKED_TP_STYLE = "moe_tp_experts"
 
 # Where Transformers' configs keep the model's total number of routed experts and experts per token.
 _NUM_EXPERTS_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -91,6 +99,39 @@ def resolve_ep_implementation(ep_implementation: str, tp_size: int, ep_size: int
             f"all_reduce expert parallelism needs --ep-size equal to --tp-size (got {ep_size} and {tp_size})"
         )
     return ep_implementation
+
+
+def tp_expert_style(config) -> str | None:
+    """How the installed Transformers' tensor-parallel plan for this model treats its routed experts: `None` (left
+    whole), `"intermediate"` (each rank a slice of every expert's intermediate size) or `"masked"` (whole experts
+    split across the ranks with sentinel ids, the deprecated `moe_tp_experts` style)."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    plan = getattr(text_config, "base_model_tp_plan", None) or {}
+    styles = {style for name, style in plan.items() if _TP_EXPERTS_RULE.search(name)}
+    if not styles:
+        return None
+    return "masked" if _MASKED_TP_STYLE in styles else "intermediate"
+
+
+def shard_intermediate(experts: torch.nn.Module, tp_size: int) -> None:
+    """Cuts every expert's intermediate size (on the meta device) to one rank's `1 / tp_size` slice, as a
+    column-parallel up (and gate) projection and a row-parallel down projection leave it."""
+    transposed = bool(getattr(experts, "is_transposed", False))
+    for name, parameter in list(experts.named_parameters(recurse=False)):
+        if name.startswith("down_proj"):
+            dim = None if name.endswith("bias") else (1 if transposed else 2)  # (E, H, I), or (E, I, H) transposed
+        elif "up_proj" in name:  # gate_up_proj or up_proj: (E, [2]I, H), (E, H, [2]I) transposed, bias (E, [2]I)
+            dim = 1 if name.endswith("bias") else (2 if transposed else 1)
+        else:
+            continue
+        if dim is None:
+            continue
+        shape = list(parameter.shape)
+        if shape[dim] % tp_size:
+            raise UsageError(f"--tp-size {tp_size} does not divide {name}'s intermediate size {shape[dim]}")
+        shape[dim] //= tp_size
+        empty = torch.empty(shape, dtype=parameter.dtype, device=parameter.device)
+        setattr(experts, name, torch.nn.Parameter(empty, requires_grad=parameter.requires_grad))
 
 
 def parallel_layer(config, top_k: int | None, tp_size: int, ep_size: int, ep_implementation: str) -> dict:

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 import autoexperts
-from autoexperts.calibration.experts_layer import routed_inputs
+from autoexperts.calibration.experts_layer import build_experts_layer, routed_inputs
 from autoexperts.calibration.run import calibrate
+from autoexperts.expert_parallel import tp_expert_style
 from autoexperts.layer import LayerSpec, backend_forward
 from autoexperts.profile import load_profile
-from tests.conftest import experts_modules, synthetic_profile, tiny_model
+from tests.conftest import experts_modules, synthetic_profile, tiny_config, tiny_model
 
 BACKENDS = ["eager", "batched_mm", "grouped_mm"]
 LOCAL_EXPERTS = 4  # of the tiny models' 8: this "rank" holds experts 0..3
@@ -160,3 +161,44 @@ def test_processes_of_one_torchrun_launch_measure_a_layer_once(tmp_path, monkeyp
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "another-launch")  # a new launch measures again
     calibrate(seconds_per_point=0.01, ep_size=2, **kwargs)
     assert len(sweeps) == 2
+
+
+def _with_expert_tp_rules(config, style: str):
+    """`config` with a tensor-parallel plan for its routed experts' weights, as Transformers before 5.25 had."""
+    rules = {f"layers.*.mlp.experts.{name}": style for name in ("gate_up_proj", "down_proj")}
+    config.base_model_tp_plan = {**(config.base_model_tp_plan or {}), **rules}
+    return config
+
+
+@pytest.mark.parametrize(
+    "model_type",
+    [
+        "qwen3_moe",  # gated, (E, 2I, H) and (E, H, I)
+        "gpt_oss",  # transposed with biases, (E, H, 2I) and (E, I, H)
+    ],
+)
+def test_a_tensor_parallel_plan_for_the_experts_splits_their_intermediate_size(model_type):
+    whole = build_experts_layer(tiny_config(model_type), torch.device("meta"), torch.float32)
+    config = _with_expert_tp_rules(tiny_config(model_type), "local_colwise")
+    local = build_experts_layer(config, torch.device("meta"), torch.float32, tp_size=2)
+    assert local.spec == dataclasses.replace(whole.spec, intermediate_dim=whole.spec.intermediate_dim // 2)
+    # This Transformers' own plans leave the experts to the expert-parallel plan: whole under tensor parallelism.
+    assert (
+        build_experts_layer(tiny_config(model_type), torch.device("meta"), torch.float32, tp_size=2).spec == whole.spec
+    )
+
+
+@pytest.mark.parametrize(
+    ("style", "expected"),
+    [
+        (None, None),  # no rule for the routed experts (shared_experts rules do not count)
+        ("local_colwise", "intermediate"),  # each rank a slice of every expert
+        ("moe_tp_experts", "masked"),  # Transformers' deprecated style: whole experts per rank, sentinel ids
+    ],
+)
+def test_tp_expert_style(style, expected):
+    config = tiny_config("qwen3_moe")
+    config.base_model_tp_plan = {"layers.*.mlp.shared_experts.up_proj": "colwise"}
+    if style is not None:
+        _with_expert_tp_rules(config, style)
+    assert tp_expert_style(config) == expected

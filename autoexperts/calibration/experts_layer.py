@@ -14,7 +14,7 @@ from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
 
 from ..device import free_memory_bytes
 from ..errors import UsageError
-from ..expert_parallel import ALL_TO_ALL, shard_experts
+from ..expert_parallel import ALL_TO_ALL, shard_experts, shard_intermediate, tp_expert_style
 from ..layer import LayerSpec, is_experts_module
 
 logger = logging.getLogger(__name__)
@@ -73,13 +73,16 @@ def build_experts_layer(
     seed: int = 0,
     ep_size: int = 1,
     ep_implementation: str = "",
+    tp_size: int = 1,
 ) -> ExpertsLayer:
     """Builds the model's first experts layer on `device` in `dtype`, with N(0, 0.02) weights (left
     uninitialised on the meta device).
 
-    With `ep_size > 1` it is one rank's layer under Transformers' expert parallelism: `num_experts / ep_size` experts,
-    called at top-1 (`ep_implementation="all_to_all"`, each rank gets its own routes) or at the model's top-k with
-    sentinel ids for the other ranks' experts (`"all_reduce"`, see `autoexperts.expert_parallel`).
+    With `tp_size > 1` and a tensor-parallel plan for the experts (see `expert_parallel.tp_expert_style`), every
+    expert keeps `1 / tp_size` of its intermediate size. With `ep_size > 1` it is one rank's layer under
+    Transformers' expert parallelism: `num_experts / ep_size` experts, called at top-1
+    (`ep_implementation="all_to_all"`: each rank gets its own routes) or at the model's top-k with sentinel ids for
+    the other ranks' experts (`"all_reduce"`, see `autoexperts.expert_parallel`).
 
     Raises:
         `UsageError`: when the model has no experts layer that Transformers' experts interface drives.
@@ -93,6 +96,8 @@ def build_experts_layer(
         )
     top_k = top_k or _top_k(getattr(experts, "config", config), model)
     del model
+    if tp_size > 1 and ep_size == 1 and tp_expert_style(config) == "intermediate":
+        shard_intermediate(experts, tp_size)
     if ep_size > 1:
         shard_experts(experts, ep_size)
         if ep_implementation == ALL_TO_ALL:

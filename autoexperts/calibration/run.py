@@ -17,7 +17,7 @@ from ..choices import CALIBRATION_MODES
 from ..cost_model import CostModel
 from ..device import device_name, driver_version, free_memory_bytes, gpu_driver_version
 from ..errors import CalibrationInterrupted, UsageError
-from ..expert_parallel import parallel_layer, resolve_ep_implementation
+from ..expert_parallel import ALL_REDUCE, parallel_layer, resolve_ep_implementation, tp_expert_style
 from ..freshness import library_versions
 from ..layer import DEFAULT_BACKENDS, registered_backends
 from ..locking import file_lock
@@ -143,13 +143,16 @@ def calibrate(
             raise UsageError("token counts must be positive integers")
     folder = Path(out) if out is not None else default_write_dir()
     source = resolve_model(model)
+    if tp_size > 1 and ep_size == 1 and tp_expert_style(source.config) == "masked":
+        ep_size, ep_implementation = tp_size, ALL_REDUCE  # what this Transformers' tensor-parallel plan does
     implementation = resolve_ep_implementation(ep_implementation, tp_size, ep_size)
     parallel = parallel_layer(source.config, top_k, tp_size, ep_size, implementation)
 
     started = time.perf_counter()
     layer = build_experts_layer(
-        source.config, torch_device, torch_dtype, top_k=top_k, ep_size=ep_size, ep_implementation=implementation
-    )
+        source.config, torch_device, torch_dtype, top_k=top_k, ep_size=ep_size, ep_implementation=implementation,
+        tp_size=tp_size,
+    )  # fmt: skip
     backends = runnable_for_shape(layer.spec, list(backends))
     name = device_name(torch_device)
     target = profile_path(folder, name, layer.spec.file_stem(compile_mode))  # without suffix
