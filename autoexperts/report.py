@@ -69,6 +69,18 @@ def _model_source(source: str) -> str:
     return "fitted in this process"
 
 
+def describe_parallel(spec, parallel: dict) -> str:
+    """One line on the distributed layout a profile's layer was calibrated for."""
+    sizes = f"tp_size {parallel.get('tp_size', 1)}, ep_size {parallel.get('ep_size', 1)}"
+    implementation = parallel.get("ep_implementation")
+    if spec.expert_shards > 1:
+        rank = f"one rank's {spec.num_experts} of {spec.num_experts * spec.expert_shards} experts on every route, "
+        return f"{sizes} ({implementation}): {rank}the others' as sentinel ids"
+    if implementation == "all_to_all":
+        return f"{sizes} (all_to_all): one rank's experts, handed its own (token, expert) pairs at top-1"
+    return f"{sizes}: one rank's experts layer"
+
+
 def describe_profile(profile: Profile, budget_bytes: float, budget_label: str) -> str:
     """The header, the decision table, and the predictions at every measured token count."""
     spec, meta = profile.spec, profile.metadata
@@ -87,6 +99,9 @@ def describe_profile(profile: Profile, budget_bytes: float, budget_label: str) -
         f"budget    {format_bytes(budget_bytes)} ({budget_label})",
         f"model     {_model_source(profile.model_source)}",
     ]
+    parallel = meta.get("parallel") or {}
+    if parallel:
+        lines.append(f"parallel  {describe_parallel(spec, parallel)}")
     if sweep.get("tokens_chosen_by", "default grid") != "default grid":
         lines.append(f"tokens    {len(sweep['tokens'])} counts around the crossovers of {sweep['tokens_chosen_by']}")
     if profile.stale:

@@ -12,6 +12,7 @@ from autoexperts.calibration.run import calibrate
 from autoexperts.expert_parallel import tp_expert_style
 from autoexperts.layer import LayerSpec, backend_forward
 from autoexperts.profile import load_profile
+from autoexperts.report import describe_profile
 from tests.conftest import experts_modules, synthetic_profile, tiny_config, tiny_model
 
 BACKENDS = ["eager", "batched_mm", "grouped_mm"]
@@ -144,6 +145,8 @@ def test_calibrate_measures_the_layer_one_rank_runs(tmp_path, options, stem, top
     recorded = load_profile(profile.json_path)
     assert recorded.spec == profile.spec
     assert recorded.metadata["parallel"]["ep_size"] == options.get("ep_size", 1)
+    shown = describe_profile(recorded, 2**30, "test")
+    assert f"parallel  tp_size {options.get('tp_size', 1)}, ep_size {options.get('ep_size', 1)}" in shown
 
 
 def test_processes_of_one_torchrun_launch_measure_a_layer_once(tmp_path, monkeypatch):
