@@ -35,7 +35,7 @@ _MASKED_TP_STYLE = "moe_tp_experts"
 
 # Where Transformers' configs keep the model's total number of routed experts and experts per token.
 _NUM_EXPERTS_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-_TOP_K_ATTRS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k")
+TOP_K_FIELDS = ("num_experts_per_tok", "moe_topk", "top_k", "experts_per_token", "num_experts_per_token", "moe_k")
 
 
 def _first_int(config, names: tuple[str, ...]) -> int | None:
@@ -46,6 +46,23 @@ def _first_int(config, names: tuple[str, ...]) -> int | None:
     return None
 
 
+def _ep_size(module: torch.nn.Module) -> int:
+    """How many ranks Transformers' expert-parallel plan split this layer's experts across (1 when it did not)."""
+    if not getattr(module, "_is_expert_parallel", False):
+        return 1
+    total = _first_int(getattr(module, "config", None), _NUM_EXPERTS_ATTRS)
+    local = getattr(module, "num_experts", None)
+    if total is None or not isinstance(local, int) or local < 1 or total % local:
+        return 1
+    return total // local
+
+
+def _is_all_to_all_call(module: torch.nn.Module, top_k: int) -> bool:
+    """A top-1 call of a layer whose model routes to more experts: all-to-all hands it only its own pairs."""
+    routed_top_k = _first_int(getattr(module, "config", None), TOP_K_FIELDS)
+    return top_k == 1 and routed_top_k not in (None, 1)
+
+
 def expert_shards(module: torch.nn.Module, top_k: int) -> int:
     """How many ranks share the model's experts in a call that hands this layer every route (all-reduce expert
     parallelism), else 1.
@@ -54,31 +71,18 @@ def expert_shards(module: torch.nn.Module, top_k: int) -> int:
     model's experts. Called at the model's top-k it gets the whole batch with sentinel ids (all-reduce); called at
     top-1 by a model routing to more experts, it gets its own pairs only (all-to-all), which is a plain layer.
     """
-    if not getattr(module, "_is_expert_parallel", False):
-        return 1
-    config = getattr(module, "config", None)
-    local = getattr(module, "num_experts", None)
-    total = _first_int(config, _NUM_EXPERTS_ATTRS)
-    if not isinstance(local, int) or local < 1 or total is None or total % local or total == local:
-        return 1
-    routed_top_k = _first_int(config, _TOP_K_ATTRS)
-    if top_k == 1 and routed_top_k not in (None, 1):
-        return 1  # all-to-all: only this rank's pairs, top-1
-    return total // local
+    ep_size = _ep_size(module)
+    return 1 if ep_size == 1 or _is_all_to_all_call(module, top_k) else ep_size
 
 
 def calibrate_args(module: torch.nn.Module, top_k: int) -> str:
     """The `autoexperts calibrate` options that give this rank's layer ('' for a layer that is not sharded)."""
-    if not getattr(module, "_is_expert_parallel", False):
+    ep_size = _ep_size(module)
+    if ep_size == 1:
         return ""
-    total = _first_int(getattr(module, "config", None), _NUM_EXPERTS_ATTRS)
-    local = getattr(module, "num_experts", None)
-    if total is None or not isinstance(local, int) or local < 1 or total % local or total == local:
-        return ""
-    ep_size = total // local
-    if expert_shards(module, top_k) > 1:
-        return f"--ep-size {ep_size} --tp-size {ep_size} --ep-implementation {ALL_REDUCE}"
-    return f"--ep-size {ep_size} --ep-implementation {ALL_TO_ALL}"
+    if _is_all_to_all_call(module, top_k):
+        return f"--ep-size {ep_size} --ep-implementation {ALL_TO_ALL}"
+    return f"--ep-size {ep_size} --tp-size {ep_size} --ep-implementation {ALL_REDUCE}"
 
 
 def resolve_ep_implementation(ep_implementation: str, tp_size: int, ep_size: int) -> str:

@@ -14,13 +14,10 @@ from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
 
 from ..device import free_memory_bytes
 from ..errors import UsageError
-from ..expert_parallel import ALL_TO_ALL, shard_experts, shard_intermediate, tp_expert_style
+from ..expert_parallel import ALL_TO_ALL, TOP_K_FIELDS, shard_experts, shard_intermediate, tp_expert_style
 from ..layer import LayerSpec, is_experts_module
 
 logger = logging.getLogger(__name__)
-
-# Config fields that name the number of experts routed per token, across Transformers' MoE models.
-_TOP_K_FIELDS = ("num_experts_per_tok", "moe_topk", "top_k", "experts_per_token", "num_experts_per_token", "moe_k")
 
 
 @dataclass
@@ -33,7 +30,7 @@ class ExpertsLayer:
 
 
 def _top_k(config: PretrainedConfig, model: torch.nn.Module) -> int:
-    for name in _TOP_K_FIELDS:
+    for name in TOP_K_FIELDS:  # the config fields that name the experts per token
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
             return value
