@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -38,10 +39,22 @@ SWEEP_MEMORY_FRACTION = 0.7
 CALIBRATION_LOCK_TIMEOUT_S = 6 * 3600
 
 
-def calibration_lock(target: Path):
-    """Held while a process calibrates the layer whose profile is `target` (without suffix)."""
+@contextlib.contextmanager
+def calibration_lock(target: Path) -> Iterator[None]:
+    """Held while a process calibrates the layer whose profile is `target` (without suffix). The folders it makes
+    for its lock file are removed again if nothing was saved in them (a bad `--resume` writes nothing)."""
+    existing = target.parent
+    while not existing.exists():
+        existing = existing.parent
     target.parent.mkdir(parents=True, exist_ok=True)
-    return file_lock(target.parent / f".{target.name}.calibrating", CALIBRATION_LOCK_TIMEOUT_S)
+    try:
+        with file_lock(target.parent / f".{target.name}.calibrating", CALIBRATION_LOCK_TIMEOUT_S):
+            yield
+    finally:
+        folder = target.parent
+        while folder != existing and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
 
 
 def resolve_device(name: str | None) -> torch.device:
