@@ -22,6 +22,8 @@
 #   4. the float16 device model for the rest of the time, under cProfile (its checkpoint comes back: resume it
 #      with GPU_SUITE_STAGE=float16-device-model GPU_SUITE_RESUME=DIR, DIR holding that checkpoint in <gpu>/).
 #
+# GPU_SUITE_STAGE=third: the device models again (bfloat16 and float16, timed against 180 s), then max-autotune.
+#
 # Everything goes to one folder ($1, else $OUT, else ./gpu-suite-results): suite.log, and results.tar.gz, rewritten
 # after every step (a device run brings back few files), holding env.txt, pytest-cuda.txt, <step>.log and the
 # results folders: profiles/<device>/ (copy into the repository's profiles/), bench-*/<device>/*.{json,md,png}.
@@ -103,6 +105,23 @@ float16_device_model() {
 
 if [ "${GPU_SUITE_STAGE:-first}" = float16-device-model ]; then
     float16_device_model
+    echo "suite finished in ${SECONDS}s"
+    pack
+    exit 0
+fi
+
+# The third stage (after the sweep stopped collecting garbage per count and keeps cheap slow backends): both device
+# models timed afresh against the 180 s target (bfloat16 replaces the shipped one if its held-out regret holds;
+# float16 is shipped if its held-out worst case is sane), then max-autotune-no-cudagraphs for the rest.
+if [ "${GPU_SUITE_STAGE:-first}" = third ]; then
+    step pytest-cuda 75 "$python" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py
+    step device-model-bfloat16 200 "$python" -m autoexperts calibrate --device-model --device "$device" \
+        --dtype bfloat16 --out "$work/profiles" --no-progress
+    step device-model-float16 200 "$python" -m autoexperts calibrate --device-model --device "$device" \
+        --dtype float16 --out "$work/profiles" --no-progress
+    step calibrate-max-autotune 600 "$python" -m autoexperts calibrate --model "$table_model" --device "$device" \
+        --dtype "$dtype" --compile max-autotune-no-cudagraphs --out "$work/profiles" --seconds-per-point 0.2 \
+        --no-progress ${GPU_SUITE_RESUME:+--resume}
     echo "suite finished in ${SECONDS}s"
     pack
     exit 0
