@@ -114,6 +114,9 @@ fi
 # models timed afresh against the 180 s target (bfloat16 replaces the shipped one if its held-out regret holds;
 # float16 is shipped if its held-out worst case is sane), then max-autotune-no-cudagraphs for the rest.
 if [ "${GPU_SUITE_STAGE:-first}" = third ]; then
+    if [ -n "${GPU_SUITE_RESUME:-}" ]; then  # a folder holding <gpu>/<checkpoint> of an interrupted calibration
+        mkdir -p "$work/profiles" && cp -r "$GPU_SUITE_RESUME"/. "$work/profiles/"
+    fi
     step pytest-cuda 75 "$python" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py
     step device-model-bfloat16 200 "$python" -m autoexperts calibrate --device-model --device "$device" \
         --dtype bfloat16 --out "$work/profiles" --no-progress
