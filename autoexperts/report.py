@@ -69,6 +69,16 @@ def _model_source(source: str) -> str:
     return "fitted in this process"
 
 
+def _routing(record) -> str:
+    """The routing a profile was measured with, in words (profiles from before routings were recorded: uniform)."""
+    from .calibration.routing import Routing
+
+    try:
+        return Routing.from_json(record).describe()
+    except (KeyError, TypeError, ValueError) as error:
+        return f"unreadable ({type(error).__name__}: {error})"
+
+
 def describe_profile(profile: Profile, budget_bytes: float, budget_label: str) -> str:
     """The header, the decision table, and the predictions at every measured token count."""
     spec, meta = profile.spec, profile.metadata
@@ -87,6 +97,7 @@ def describe_profile(profile: Profile, budget_bytes: float, budget_label: str) -
         f"budget    {format_bytes(budget_bytes)} ({budget_label})",
         f"model     {_model_source(profile.model_source)}",
     ]
+    lines.append(f"routing   {_routing(sweep.get('routing'))}")
     if sweep.get("tokens_chosen_by", "default grid") != "default grid":
         lines.append(f"tokens    {len(sweep['tokens'])} counts around the crossovers of {sweep['tokens_chosen_by']}")
     if profile.stale:

@@ -1,4 +1,5 @@
-"""One experts layer of a model's own experts class, with random weights, and random routed inputs for it.
+"""One experts layer of a model's own experts class, with random weights, and random routed inputs for it (drawn
+from a `Routing`: uniform unless asked otherwise).
 
 The model is first built on the meta device (no memory, no download), which finds the experts class and the
 (sub-)config it is built with whatever the architecture; only that one layer is then materialised on the device.
@@ -15,6 +16,7 @@ from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
 from ..device import free_memory_bytes
 from ..errors import UsageError
 from ..layer import LayerSpec, is_experts_module
+from .routing import Routing
 
 logger = logging.getLogger(__name__)
 
@@ -99,9 +101,19 @@ def build_experts_layer(
 
 
 def routed_inputs(
-    spec: LayerSpec, num_tokens: int, device: torch.device, dtype: torch.dtype, seed: int = 0
+    spec: LayerSpec,
+    num_tokens: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    routing: Routing | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random hidden states and uniform top-k routing (distinct experts per token) for `num_tokens` tokens.
+    """Random hidden states and top-k routing (distinct experts per token) for `num_tokens` tokens, one draw per
+    `(seed, num_tokens)`.
+
+    Args:
+        routing (`Routing`, *optional*): the distribution the experts are drawn from (default: uniform; see
+            `autoexperts.calibration.routing`).
 
     Returns:
         `hidden_states (num_tokens, hidden_dim)`, `top_k_index (num_tokens, top_k)` int64,
@@ -109,7 +121,7 @@ def routed_inputs(
     """
     generator = torch.Generator(device="cpu").manual_seed(seed + num_tokens)
     hidden_states = torch.randn(num_tokens, spec.hidden_dim, generator=generator)  # (num_tokens, hidden_dim)
-    scores = torch.rand(num_tokens, spec.num_experts, generator=generator)  # (num_tokens, num_experts)
-    top_k_index = scores.topk(spec.top_k, dim=-1).indices  # (num_tokens, top_k)
+    routing = routing or Routing()
+    top_k_index = routing.draw(num_tokens, spec.num_experts, spec.top_k, generator)  # (num_tokens, top_k)
     top_k_weights = torch.randn(num_tokens, spec.top_k, generator=generator).softmax(dim=-1)  # (num_tokens, top_k)
     return hidden_states.to(device, dtype), top_k_index.to(device), top_k_weights.to(device, dtype)

@@ -24,6 +24,7 @@ from .adaptive import device_model_tokens
 from .checkpoint import checkpoint_path, read_checkpoint, write_checkpoint
 from .experts_layer import build_experts_layer
 from .model_source import resolve_model
+from .routing import Routing
 from .sweep import SweepOptions, default_token_grid, run_sweep
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def calibrate(
     resume: bool = False,
     compile_mode: str = "none",
     full_grid: bool = False,
+    routing: Routing | str | None = None,
 ) -> Profile:
     """Calibrates one model's experts layer on a device and saves the profile.
 
@@ -90,6 +92,10 @@ def calibrate(
         compile_mode (`str`): `"none"`, `"default"` or `"max-autotune-no-cudagraphs"`: the `torch.compile` mode the
             backends are measured in (compiled with `dynamic=True, fullgraph=True`); the profile serves that mode.
         full_grid (`bool`): measure the whole default grid even when a device model could guide the sweep.
+        routing (`Routing` or `str`, *optional*): the distribution each point's experts are drawn from: `"uniform"`
+            (the default), `"zipf:S"` or a routing file from `autoexperts.record_routing` (see
+            `calibration.routing`). The profile records it. A device model, measured with uniform routing, does not
+            choose the counts of a skewed calibration: it measures the default grid.
 
     The points measured so far are checkpointed after every token count; the checkpoint is removed once the
     profile is saved.
@@ -98,7 +104,8 @@ def calibrate(
         `Profile`: the saved profile (`profile.json_path` says where).
 
     Raises:
-        `UsageError`: on bad input; with `resume`, when there is no checkpoint or it was measured for something else.
+        `UsageError`: on bad input (a routing file without a layer of this shape included); with `resume`, when there
+            is no checkpoint or it was measured for something else.
         `CalibrationInterrupted`: on Ctrl-C, naming the checkpoint that keeps the points measured so far.
     """
     torch_device = resolve_device(device)
@@ -122,14 +129,16 @@ def calibrate(
             raise UsageError("token counts must be positive integers")
     folder = Path(out) if out is not None else default_write_dir()
     source = resolve_model(model)
+    routing = Routing.parse(routing) if isinstance(routing, str) else (routing or Routing())
 
     started = time.perf_counter()
     layer = build_experts_layer(source.config, torch_device, torch_dtype, top_k=top_k)
     backends = runnable_for_shape(layer.spec, list(backends))
+    routing = routing.for_shape(layer.spec.num_experts, layer.spec.top_k)
     name = device_name(torch_device)
     memory_limit = SWEEP_MEMORY_FRACTION * free_memory_bytes(torch_device)
     guide = None
-    if tokens is None and not full_grid:
+    if tokens is None and not full_grid and routing.is_uniform:
         tokens, guide = device_model_tokens(layer.spec, name, compile_mode, list(backends), memory_limit)
     tokens = tokens or default_token_grid()
     checkpoint = checkpoint_path(profile_path(folder, name, layer.spec.file_stem(compile_mode)))
@@ -139,6 +148,7 @@ def calibrate(
         "device": name,
         "compile_mode": compile_mode,
         "backends": sorted(backends),
+        "routing": routing.to_json(),
         "versions": {k: v for k, v in library_versions().items() if k in ("torch", "transformers")},
     }
     done = [m for m in read_checkpoint(checkpoint, header) if m.num_tokens in tokens] if resume else []
@@ -161,6 +171,7 @@ def calibrate(
         done=done,
         on_point=save_checkpoint,
         compile_mode=compile_mode,
+        routing=routing,
     )
     try:  # until the profile is saved, an interruption or a crash leaves the checkpoint to resume from
         measurements = run_sweep(layer, torch_device, torch_dtype, options)
@@ -219,7 +230,7 @@ def _profile(layer, source, name: str, torch_device, measurements, options, elap
                 "tokens": list(options.tokens),
                 "tokens_chosen_by": str(guide.json_path) if guide is not None else "default grid",
                 "backends": list(options.backends),
-                "routing": "uniform random, distinct experts per token",
+                "routing": options.routing.to_json(),
                 "seconds_per_point": options.seconds_per_point,
                 "compile": {"mode": options.compile_mode, "dynamic": True, "fullgraph": True}
                 if options.compile_mode != "none"
