@@ -187,6 +187,9 @@ def run_benchmark(options: BenchOptions) -> dict:
         stem += f"-routing-{routing.slug()}"
     folder.mkdir(parents=True, exist_ok=True)
 
+    if not routing.is_uniform:  # a routing file without a layer of this shape stops here, before calibrating
+        spec = build_experts_layer(source.config, torch.device("meta"), dtype).spec
+        routing = routing.for_shape(spec.num_experts, spec.top_k)
     calibration: dict = {}
     # Calibrated profiles stay with the machine's results, in the layout of the shipped profiles/ folder; one folder
     # per routing, since a profile is identified by its layer (the latest calibration of a layer replaces the last).
