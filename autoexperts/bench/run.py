@@ -214,7 +214,6 @@ def run_benchmark(options: BenchOptions) -> dict:
     wrap = _compile_wrapper(options.compile_mode)
     with _reading_profiles_from(profile_dir):
         layer = build_experts_layer(source.config, device, dtype)
-        routing = routing.for_shape(layer.spec.num_experts, layer.spec.top_k)
         profile = find_profile(layer.spec, device_name(device), options.compile_mode, [profile_dir])
         if profile is None:
             raise UsageError(f"no profile for {layer.spec.describe()} ({options.compile_mode}) in {profile_dir}")
@@ -352,15 +351,7 @@ def _calibration_record(profile: Profile, budget: float) -> dict:
         "routing": profile.metadata.get("sweep", {}).get("routing"),
         "sweep_seconds": profile.metadata.get("sweep", {}).get("wall_seconds"),
         "grid": profile.metadata.get("sweep", {}).get("tokens"),
-        "regions": [
-            {
-                "first": r.first,
-                "last": None if r.last == float("inf") else int(r.last),
-                "backend": r.backend,
-                "source": r.source,
-            }
-            for r in table.regions
-        ],
+        "regions": _regions(table),
         "measurements": [m.to_json() for m in profile.measurements],
     }
 
