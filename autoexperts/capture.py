@@ -10,7 +10,9 @@ the tokens seen, each expert's count of tokens routed to it, and how many calls 
 outside `[0, num_experts)` (expert-parallel sentinels of experts held by other ranks) are not counted.
 
 Counts accumulate on the device the layer runs on (no host synchronisation per call) and are read once, at the end
-of the block. Capture eager forwards: a compiled model runs the hooks only while it is traced.
+of the block. Capture eager forwards: a compiled model runs the hooks only while it is traced. Every experts call
+is counted, so capture inference, not training with gradient checkpointing (whose recomputation calls the experts
+again).
 """
 
 from __future__ import annotations
