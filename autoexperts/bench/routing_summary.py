@@ -45,7 +45,7 @@ def summarise(result: dict) -> dict | None:
     totals = compared["totals"]
     layer = result["layer"]
     return {
-        "model": result["model"]["name"],
+        "model": Path(result["model"]["name"]).name,  # a preset's name, or a local config folder's own name
         "shape": f"E={layer['num_experts']}, H={layer['hidden_dim']}, I={layer['intermediate_dim']}, "
         f"k={layer['top_k']}",
         "dtype": result["dtype"],
