@@ -262,3 +262,25 @@ def _exit_status(main, args) -> int:
 def test_routing_for_a_shape_with_more_slots_than_experts_is_a_usage_error():
     with pytest.raises(UsageError, match="cannot route 4 distinct experts"):
         Routing.parse("zipf:1").for_shape(2, 4)
+
+
+def test_resuming_with_another_routing_is_refused(tmp_path, profile_dir, monkeypatch):
+    from autoexperts.calibration import run as run_module
+    from autoexperts.errors import CalibrationInterrupted
+
+    def interrupted_sweep(layer, device, dtype, options):
+        options.on_point([])  # the checkpoint of a sweep cut off before its first point
+        raise KeyboardInterrupt
+
+    folder = tmp_path / "tiny-qwen3-moe"
+    tiny_config("qwen3_moe").save_pretrained(folder)
+    real_sweep = run_module.run_sweep
+    monkeypatch.setattr(run_module, "run_sweep", interrupted_sweep)
+    options = {"tokens": [1, 2], "out": profile_dir, "progress": False, "seconds_per_point": 0.005}
+    with pytest.raises(CalibrationInterrupted):
+        calibrate(str(folder), "cpu", "float32", routing="zipf:2", **options)
+    monkeypatch.setattr(run_module, "run_sweep", real_sweep)
+    with pytest.raises(UsageError, match="routing"):
+        calibrate(str(folder), "cpu", "float32", routing="uniform", resume=True, **options)
+    profile = calibrate(str(folder), "cpu", "float32", routing="zipf:2", resume=True, **options)
+    assert profile.metadata["sweep"]["routing"]["text"] == "zipf:2"

@@ -35,6 +35,29 @@ def _table_text(regions: list[dict]) -> str:
     return ", ".join(f"{r['first']}–{'∞' if r['last'] is None else r['last']} {r['backend']}" for r in regions)
 
 
+# Calibration counts at which the summary compares eager with grouped_mm under both routings.
+RATIO_TOKENS = (16, 64, 256, 1024, 4096)
+
+
+def _eager_over_grouped(measurements: list[dict]) -> dict[str, float]:
+    """`eager / grouped_mm` of a calibration's medians at `RATIO_TOKENS` (where both were timed)."""
+    medians = {(m["backend"], m["num_tokens"]): m.get("median_ms") for m in measurements if m["status"] == "ok"}
+    return {
+        str(n): medians[("eager", n)] / medians[("grouped_mm", n)]
+        for n in RATIO_TOKENS
+        if medians.get(("eager", n)) and medians.get(("grouped_mm", n))
+    }
+
+
+def _profile_measurements(path: str) -> list[dict]:
+    """The measurements of the profile JSON at `path` (empty when it is not there any more)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))["measurements"]
+    except (OSError, ValueError, KeyError):
+        logger.warning("cannot read the compared profile %s; its eager / grouped_mm ratios are left out", path)
+        return []
+
+
 def summarise(result: dict) -> dict | None:
     """The figures of one bench result (`None` when it has no uniform calibration to compare with)."""
     sweep = result.get("layer_sweep") or {}
@@ -67,6 +90,10 @@ def summarise(result: dict) -> dict | None:
             for p, u in zip(sweep["points"], compared["picks"], strict=True)
             if p["auto_backend"] != u
         ],
+        "eager_over_grouped_mm": {
+            "uniform": _eager_over_grouped(_profile_measurements(compared["path"])),
+            "matching": _eager_over_grouped(result["calibration"]["measurements"]),
+        },
         "calibration_seconds": result["calibration"].get("wall_seconds"),
         "source": result.get("files", {}).get("json"),
     }
@@ -96,6 +123,14 @@ def markdown(rows: list[dict]) -> str:
     lines += ["| model | routing | uniform calibration | matching calibration |", "|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['model']} | {row['routing']} | {row['uniform_table']} | {row['matching_table']} |")
+    lines += ["", "`eager / grouped_mm` in each calibration (below 1: eager is faster):", ""]
+    lines += ["| model | routing | calibrated | " + " | ".join(f"{n} tokens" for n in RATIO_TOKENS) + " |"]
+    lines.append("|---|---|---|" + "---|" * len(RATIO_TOKENS))
+    for row in rows:
+        for which, ratios in row["eager_over_grouped_mm"].items():
+            cells = " | ".join(f"{ratios[str(n)]:.2f}" if str(n) in ratios else "—" for n in RATIO_TOKENS)
+            label = "uniform" if which == "uniform" else row["routing"]
+            lines.append(f"| {row['model']} | {row['routing']} | {label} | {cells} |")
     lines += ["", "## Where the two calibrations pick differently", ""]
     for row in rows:
         picks = "; ".join(
