@@ -49,17 +49,27 @@ def _eager_over_grouped(measurements: list[dict]) -> dict[str, float]:
     }
 
 
-def _profile_measurements(path: str) -> list[dict]:
-    """The measurements of the profile JSON at `path` (empty when it is not there any more)."""
+def _profile_measurements(path: str, written_as: str | None, read_from: Path) -> list[dict]:
+    """The measurements of the compared profile JSON at `path`; when the results were moved (the bench wrote its JSON
+    as `written_as` and it is read from `read_from`), the profile is looked for at the same place relative to it.
+    Empty when it cannot be found."""
+    candidates = [Path(path)]
+    if written_as is not None and Path(path).is_relative_to(Path(written_as).parent):
+        candidates.insert(0, read_from.parent / Path(path).relative_to(Path(written_as).parent))
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))["measurements"]
+        found = next(candidate for candidate in candidates if candidate.is_file())
+        return json.loads(found.read_text(encoding="utf-8"))["measurements"]
+    except StopIteration:
+        logger.warning("cannot find the compared profile %s; its eager / grouped_mm ratios are left out", path)
+        return []
     except (OSError, ValueError, KeyError):
         logger.warning("cannot read the compared profile %s; its eager / grouped_mm ratios are left out", path)
         return []
 
 
-def summarise(result: dict) -> dict | None:
-    """The figures of one bench result (`None` when it has no uniform calibration to compare with)."""
+def summarise(result: dict, path: Path) -> dict | None:
+    """The figures of the bench result `result`, read from `path` (`None` when it has no uniform calibration to
+    compare with)."""
     sweep = result.get("layer_sweep") or {}
     compared = sweep.get("compared_profile")
     if compared is None:
@@ -91,11 +101,13 @@ def summarise(result: dict) -> dict | None:
             if p["auto_backend"] != u
         ],
         "eager_over_grouped_mm": {
-            "uniform": _eager_over_grouped(_profile_measurements(compared["path"])),
+            "uniform": _eager_over_grouped(
+                _profile_measurements(compared["path"], result.get("files", {}).get("json"), path)
+            ),
             "matching": _eager_over_grouped(result["calibration"]["measurements"]),
         },
         "calibration_seconds": result["calibration"].get("wall_seconds"),
-        "source": result.get("files", {}).get("json"),
+        "source": path.name,
     }
 
 
@@ -149,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     files = sorted(f for p in args.results for f in ([p] if p.is_file() else p.rglob("*-routing-*.json")))
     rows = []
     for path in files:
-        row = summarise(json.loads(path.read_text(encoding="utf-8")))
+        row = summarise(json.loads(path.read_text(encoding="utf-8")), path)
         if row is None:
             logger.warning("%s holds no uniform calibration to compare with; left out", path)
             continue
