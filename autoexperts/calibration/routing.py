@@ -27,8 +27,12 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
+
+if TYPE_CHECKING:  # torch is imported where a draw needs it: parsing a --routing value stays quick
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +148,7 @@ class Routing:
             self, layers=(), popularity=popularity, used_layers=tuple(layer.name for layer in matching)
         )
 
-    def log_weights(self, num_experts: int, top_k: int):
+    def log_weights(self, num_experts: int, top_k: int) -> torch.Tensor:
         """`(num_experts,)` float64 log sampling weights of the experts (`-inf`: never drawn)."""
         import torch
 
@@ -156,7 +160,7 @@ class Routing:
         resolved = self.for_shape(num_experts, top_k)
         return _fitted_log_weights(resolved.popularity, top_k).clone()
 
-    def draw(self, num_tokens: int, num_experts: int, top_k: int, generator) -> object:
+    def draw(self, num_tokens: int, num_experts: int, top_k: int, generator: torch.Generator) -> torch.Tensor:
         """`top_k_index (num_tokens, top_k)` int64: distinct experts per token, ordered by score (a router's top-k).
 
         Args:
@@ -216,7 +220,7 @@ class Routing:
         raise ValueError(f"unknown routing kind {record['kind']!r}")
 
 
-def _gumbel(uniforms):
+def _gumbel(uniforms: torch.Tensor) -> torch.Tensor:
     """Standard Gumbel noise from uniforms in [0, 1)."""
     import torch
 
@@ -225,7 +229,7 @@ def _gumbel(uniforms):
 
 
 @functools.lru_cache(maxsize=16)
-def _fitted_log_weights(popularity: tuple[float, ...], top_k: int):
+def _fitted_log_weights(popularity: tuple[float, ...], top_k: int) -> torch.Tensor:
     """Log sampling weights whose Gumbel-top-k draws give each expert the share `popularity` of the tokens.
 
     Multiplicative fixed-point iteration on one fixed draw of Gumbel noise (common random numbers, so the result is
