@@ -43,6 +43,7 @@ __all__ = [
     "add_dispatch_hook",
     "auto_experts_forward",
     "record_decisions",
+    "record_routing",
     "register",
     "reset",
     "set_memory_budget",
@@ -51,6 +52,7 @@ __all__ = [
 # The public names whose modules import torch, imported on first access (PEP 562 `__getattr__`). Registration does
 # not wait for them: `_registration.install()` below sees to it.
 _LAZY_MODULES = {
+    "capture": ("record_routing",),
     "decisions": ("Decision", "HookHandle", "add_dispatch_hook", "record_decisions"),
     "dispatch": ("auto_experts_forward", "register", "reset", "set_memory_budget"),
     "layer": ("DEFAULT_BACKENDS", "LayerSpec"),
@@ -60,6 +62,7 @@ _LAZY_MODULES = {
 _MODULE_OF = {name: module for module, names in _LAZY_MODULES.items() for name in names}
 
 if TYPE_CHECKING:  # what static tools should see
+    from .capture import record_routing
     from .decisions import Decision, HookHandle, add_dispatch_hook, record_decisions
     from .dispatch import auto_experts_forward, register, reset, set_memory_budget
     from .layer import DEFAULT_BACKENDS, LayerSpec

@@ -101,6 +101,21 @@ def _budget_setting(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _routing(text: str):
+    from .calibration.routing import Routing  # no torch: argument errors stay quick
+
+    try:
+        return Routing.parse(text)
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+_ROUTING_HELP = (
+    "the experts each token is routed to: uniform, zipf:S (expert of popularity rank r weighs r^-S) or a routing file "
+    "from autoexperts.record_routing (default: uniform)"
+)
+
+
 _VERBOSE_HELP = "log progress details (INFO) and decisions"
 
 
@@ -164,6 +179,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="how tokens reach a rank's experts, as in DistributedConfig (default: auto, Transformers' inference "
         "choice: all_reduce when --ep-size equals --tp-size, else all_to_all)",
     )
+    calibrate.add_argument("--routing", type=_routing, help=_ROUTING_HELP)
     calibrate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     calibrate.add_argument(
         "--resume",
@@ -214,6 +230,12 @@ def _add_bench_parser(commands, verbose: argparse.ArgumentParser) -> None:
     bench.add_argument("--seconds-per-point", type=_positive_float, default=1.0, help="timing budget per point")
     bench.add_argument(
         "--calibration-seconds-per-point", type=_positive_float, default=0.6, help="calibrate's timing budget"
+    )
+    bench.add_argument("--routing", type=_routing, help=_ROUTING_HELP + "; calibrated and measured with it")
+    bench.add_argument(
+        "--compare-profile-dir",
+        help="also read the layer sweep's picks off the same timings for the profile of this folder (default, with a "
+        "--routing other than uniform: the uniform calibration's folder <out>/<device>/profiles, when it has one)",
     )
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
@@ -289,6 +311,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         tp_size=args.tp_size,
         ep_size=args.ep_size,
         ep_implementation=args.ep_implementation,
+        routing=args.routing,
     )
     budget, label = _budget(None, profile.spec.device_type)
     print(describe_profile(profile, budget, label))
@@ -305,7 +328,7 @@ def _calibrate_device_model(args: argparse.Namespace, device, out: Path) -> int:
 
     given = [
         f"--{name.replace('_', '-')}"
-        for name in ("model", "tokens", "backends", "top_k", "full_grid")
+        for name in ("model", "tokens", "backends", "top_k", "full_grid", "routing")
         if getattr(args, name)
     ] + [f"--{name.replace('_', '-')}" for name in ("tp_size", "ep_size") if getattr(args, name) != 1]
     if given:
@@ -400,6 +423,8 @@ def _bench(args: argparse.Namespace) -> int:
         seconds_per_point=args.seconds_per_point,
         calibration_seconds_per_point=args.calibration_seconds_per_point,
         progress=not args.no_progress,
+        routing=args.routing,
+        compare_profile_dir=Path(args.compare_profile_dir).expanduser() if args.compare_profile_dir else None,
     )
     results = run_benchmark(options)
     for target in results["targets"]:

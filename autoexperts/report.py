@@ -81,6 +81,16 @@ def describe_parallel(spec, parallel: dict) -> str:
     return f"{sizes}: one rank's experts layer"
 
 
+def _routing(record) -> str:
+    """The routing a profile was measured with, in words (profiles from before routings were recorded: uniform)."""
+    from .calibration.routing import Routing
+
+    try:
+        return Routing.from_json(record).describe()
+    except (KeyError, TypeError, ValueError) as error:
+        return f"unreadable ({type(error).__name__}: {error})"
+
+
 def describe_profile(profile: Profile, budget_bytes: float, budget_label: str) -> str:
     """The header, the decision table, and the predictions at every measured token count."""
     spec, meta = profile.spec, profile.metadata
@@ -102,6 +112,7 @@ def describe_profile(profile: Profile, budget_bytes: float, budget_label: str) -
     parallel = meta.get("parallel") or {}
     if parallel:
         lines.append(f"parallel  {describe_parallel(spec, parallel)}")
+    lines.append(f"routing   {_routing(sweep.get('routing'))}")
     if sweep.get("tokens_chosen_by", "default grid") != "default grid":
         lines.append(f"tokens    {len(sweep['tokens'])} counts around the crossovers of {sweep['tokens_chosen_by']}")
     if profile.stale:

@@ -18,6 +18,7 @@ import torch
 
 from ..calibration.experts_layer import ExpertsLayer, routed_inputs
 from ..calibration.memory import peak_call_bytes
+from ..calibration.routing import Routing
 from ..cost_model import CostModel
 from ..dispatch import auto_experts_forward, decision_table
 from ..layer import AUTO, BATCHED_MM, backend_forward
@@ -97,6 +98,7 @@ def run_layer_sweep(
     wrap: Callable[[ExpertsCall], ExpertsCall] = lambda fn: fn,
     advance: Callable[[], None] = lambda: None,
     compile_mode: str = "none",
+    routing: Routing | None = None,
 ) -> list[PointResult]:
     """Times every contender at every count of `tokens` on `layer` (see the module docstring).
 
@@ -105,6 +107,7 @@ def run_layer_sweep(
         wrap (`Callable`): applied to each contender's function (e.g. `torch.compile`).
         advance (`Callable`): called once per finished token count (a progress bar's update).
         compile_mode (`str`): the mode `wrap` compiles in, whose decision table says what `auto` chose.
+        routing (`Routing`, *optional*): the distribution the inputs' experts are drawn from (default: uniform).
     """
     module = layer.module
     calls = _contender_calls(type(module), wrap)
@@ -112,7 +115,7 @@ def run_layer_sweep(
     dropped: dict[str, str] = {}
     points = []
     for num_tokens in tokens:
-        inputs = routed_inputs(layer.spec, num_tokens, device, dtype, seed=1)  # not the calibration's seed
+        inputs = routed_inputs(layer.spec, num_tokens, device, dtype, seed=1, routing=routing)  # not calibration's seed
         runs: dict[str, ContenderRun] = {}
         active: dict[str, Callable[[], torch.Tensor]] = {}
         for name, call in calls.items():

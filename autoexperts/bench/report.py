@@ -110,7 +110,38 @@ def _sweep(sweep: dict) -> list[str]:
         "the others. *Regret* is auto's median over the oracle's minus 1; *choice regret* uses the median of "
         "the fixed backend auto chose, so it shows a wrong pick without the noise of a second timing.",
     ]
-    return lines + _device_model_lines(sweep)
+    return lines + _device_model_lines(sweep) + _compared_profile_lines(sweep)
+
+
+def _regions_text(regions: list[dict]) -> str:
+    return ", ".join(f"{r['first']}–{'∞' if r['last'] is None else r['last']} {r['backend']}" for r in regions)
+
+
+def _compared_profile_lines(sweep: dict) -> list[str]:
+    """`auto` with another profile of the layer (another routing's calibration) beside `auto` with this run's."""
+    compared = sweep.get("compared_profile")
+    if not compared:
+        return []
+    totals = compared["totals"]
+    rows = [
+        [
+            label,
+            _ms(totals[name]["total_ms"]),
+            _ratio(totals[name]["over_oracle"]),
+            f"{totals[name]['oracle_picks']} of {len(compared['picks'])}",
+        ]
+        for name, label in (
+            ("profile", "auto with this run's profile (its picks)"),
+            ("compared", f"auto with the profile calibrated {compared['routing']['text']}"),
+        )
+    ]
+    return [
+        "",
+        f"**Another calibration of this layer** (`{compared['path']}`, routing {compared['routing']['text']}) gives "
+        f"{_regions_text(compared['regions'])}. Both choosers' totals are read off the fixed backends' medians above:",
+        "",
+        *_table(["chooser", "total", "/ oracle", "oracle picks"], rows),
+    ]
 
 
 def _device_model_lines(sweep: dict) -> list[str]:
@@ -209,6 +240,7 @@ def markdown_report(results: dict) -> str:
         f"{versions['transformers']}, autoexperts {versions['autoexperts']}; {results['created']}",
         f"- experts layer: {layer['experts_class']}, {layer['num_experts']} experts, hidden_dim {layer['hidden_dim']}, "
         f"intermediate_dim {layer['intermediate_dim']}, top_k {layer['top_k']}",
+        f"- routing of the layer sweep's inputs: {results.get('routing', {}).get('description', 'uniform')}",
         f"- memory budget {_memory(results['budget_bytes'])}; fixed backends predicted above "
         f"{_memory(results['memory_limit_bytes'])} are not run",
     ]

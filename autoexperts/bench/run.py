@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .. import dispatch, settings
 from ..calibration.experts_layer import build_experts_layer
 from ..calibration.model_source import ModelSource, resolve_model
+from ..calibration.routing import Routing
 from ..calibration.run import SWEEP_MEMORY_FRACTION, resolve_device, resolve_dtype, runnable_for_shape
 from ..choices import BENCH_PARTS
 from ..compile_mode import CALIBRATION_MODES
@@ -68,6 +69,11 @@ class BenchOptions:
     seconds_per_point: float = 1.0
     calibration_seconds_per_point: float = 0.6
     progress: bool = True
+    # The distribution the calibration and the layer sweep draw experts from (default: uniform).
+    routing: Routing | None = None
+    # A folder whose profile for the layer has its picks read off the same sweep timings (default, with a routing
+    # other than uniform: the uniform calibration's folder beside this one).
+    compare_profile_dir: Path | None = None
 
 
 @contextlib.contextmanager
@@ -95,6 +101,8 @@ def _calibrate(options: BenchOptions, device: torch.device, dtype: torch.dtype, 
     ]  # fmt: skip
     if options.compile_mode != "none":
         command += ["--compile", options.compile_mode]
+    if options.routing is not None and not options.routing.is_uniform:
+        command += ["--routing", options.routing.text()]
     if not options.progress:
         command.append("--no-progress")
     logger.info("calibrating: %s", " ".join(command))
@@ -172,13 +180,22 @@ def run_benchmark(options: BenchOptions) -> dict:
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     source = resolve_model(options.model)
+    routing = options.routing or Routing()
     folder = Path(options.out).expanduser() / device_slug(device_name(device))
     stem = f"{_model_label(source)}-{str(dtype).removeprefix('torch.')}-{options.compile_mode}"
+    if not routing.is_uniform:
+        stem += f"-routing-{routing.slug()}"
     folder.mkdir(parents=True, exist_ok=True)
 
+    if not routing.is_uniform:  # a routing file without a layer of this shape stops here, before calibrating
+        spec = build_experts_layer(source.config, torch.device("meta"), dtype).spec
+        routing = routing.for_shape(spec.num_experts, spec.top_k)
     calibration: dict = {}
-    # Calibrated profiles stay with the machine's results, in the layout of the shipped profiles/ folder.
-    profile_dir = Path(options.profile_dir).expanduser() if options.profile_dir else folder / "profiles"
+    # Calibrated profiles stay with the machine's results, in the layout of the shipped profiles/ folder; one folder
+    # per routing, since a profile is identified by its layer (the latest calibration of a layer replaces the last).
+    uniform_profiles = folder / "profiles"
+    routed_profiles = uniform_profiles if routing.is_uniform else folder / f"profiles-routing-{routing.slug()}"
+    profile_dir = Path(options.profile_dir).expanduser() if options.profile_dir else routed_profiles
     if options.profile_dir is None:
         calibration["wall_seconds"] = _calibrate(options, device, dtype, profile_dir)
 
@@ -200,6 +217,11 @@ def run_benchmark(options: BenchOptions) -> dict:
         profile = find_profile(layer.spec, device_name(device), options.compile_mode, [profile_dir])
         if profile is None:
             raise UsageError(f"no profile for {layer.spec.describe()} ({options.compile_mode}) in {profile_dir}")
+        profile_routing = Routing.from_json(profile.metadata.get("sweep", {}).get("routing"))
+        if profile_routing.text() != routing.text():
+            logger.warning("the profile %s was measured with routing %s, the benchmark draws %s",
+                           profile.json_path, profile_routing.text(), routing.text())  # fmt: skip
+        results["routing"] = routing.to_json()
         budget = dispatch.memory_budget_bytes(device)
         memory_limit = SWEEP_MEMORY_FRACTION * free_memory_bytes(device)
         calibration |= _calibration_record(profile, budget)
@@ -220,7 +242,7 @@ def run_benchmark(options: BenchOptions) -> dict:
                 bar.set_postfix_str("layer sweep")
                 sweep = run_layer_sweep(
                     layer, device, dtype, sweep_tokens, guard, timing, wrap, bar.update,
-                    options.compile_mode,
+                    options.compile_mode, routing,
                 )  # fmt: skip
                 results["layer_sweep"] = {
                     "points": [p.to_json() for p in sweep],
@@ -229,6 +251,10 @@ def run_benchmark(options: BenchOptions) -> dict:
                 compared = _device_model_comparison(layer, device, options.compile_mode, profile_dir, sweep)
                 if compared is not None:
                     results["layer_sweep"]["device_model"] = compared
+                compare_dir = options.compare_profile_dir or (None if routing.is_uniform else uniform_profiles)
+                other = _profile_comparison(layer, device, options.compile_mode, profile, compare_dir, sweep)
+                if other is not None:
+                    results["layer_sweep"]["compared_profile"] = other
             table = decision_table(layer.module, device, layer.spec.top_k, options.compile_mode)
             del layer
             gc.collect()
@@ -287,21 +313,45 @@ def _device_model_comparison(layer, device: torch.device, compile_mode: str, pro
     }
 
 
+def _profile_comparison(layer, device, compile_mode: str, profile: Profile, folder: Path | None, sweep) -> dict | None:
+    """`auto` with another profile of the same layer (e.g. one calibrated with another routing) beside `auto` with
+    the benchmark's own: the backend the other profile's table picks at each point and both choosers' totals, read off
+    the same measured medians (`None` without a folder, or without a profile of the layer there)."""
+    if folder is None:
+        return None
+    other = find_profile(layer.spec, device_name(device), compile_mode, [folder])
+    if other is None or other.json_path.resolve() == profile.json_path.resolve():
+        logger.info("no other profile of %s in %s to compare with", layer.spec.describe(), folder)
+        return None
+    budget = decision_table(layer.module, device, layer.spec.top_k, compile_mode).budget_bytes
+    table = profile_table(other, budget)
+    picks = [table.region_for(p.num_tokens).backend for p in sweep]
+    totals = choice_totals(sweep, {"profile": [p.auto_backend for p in sweep], "compared": picks})
+    return {
+        "path": str(other.json_path),
+        "routing": Routing.from_json(other.metadata.get("sweep", {}).get("routing")).to_json(),
+        "picks": picks,
+        "regions": _regions(table),
+        "totals": totals,
+    }
+
+
+def _regions(table) -> list[dict]:
+    return [
+        {"first": r.first, "last": None if r.last == float("inf") else int(r.last), "backend": r.backend,
+         "source": r.source}
+        for r in table.regions
+    ]  # fmt: skip
+
+
 def _calibration_record(profile: Profile, budget: float) -> dict:
     table = profile_table(profile, budget)
     return {
         "profile": str(profile.json_path),
+        "routing": profile.metadata.get("sweep", {}).get("routing"),
         "sweep_seconds": profile.metadata.get("sweep", {}).get("wall_seconds"),
         "grid": profile.metadata.get("sweep", {}).get("tokens"),
-        "regions": [
-            {
-                "first": r.first,
-                "last": None if r.last == float("inf") else int(r.last),
-                "backend": r.backend,
-                "source": r.source,
-            }
-            for r in table.regions
-        ],
+        "regions": _regions(table),
         "measurements": [m.to_json() for m in profile.measurements],
     }
 

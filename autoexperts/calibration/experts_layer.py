@@ -1,4 +1,5 @@
-"""One experts layer of a model's own experts class, with random weights, and random routed inputs for it.
+"""One experts layer of a model's own experts class, with random weights, and random routed inputs for it (drawn
+from a `Routing`: uniform unless asked otherwise).
 
 The model is first built on the meta device (no memory, no download), which finds the experts class and the
 (sub-)config it is built with whatever the architecture; only that one layer is then materialised on the device.
@@ -16,6 +17,7 @@ from ..device import free_memory_bytes
 from ..errors import UsageError
 from ..expert_parallel import ALL_TO_ALL, TOP_K_FIELDS, shard_experts, shard_intermediate, tp_expert_style
 from ..layer import LayerSpec, is_experts_module
+from .routing import Routing
 
 logger = logging.getLogger(__name__)
 
@@ -116,11 +118,20 @@ def build_experts_layer(
 
 
 def routed_inputs(
-    spec: LayerSpec, num_tokens: int, device: torch.device, dtype: torch.dtype, seed: int = 0
+    spec: LayerSpec,
+    num_tokens: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    routing: Routing | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random hidden states and uniform top-k routing (distinct experts per token) for `num_tokens` tokens; for a
-    rank's layer under all-reduce expert parallelism (`spec.expert_shards > 1`), routing over the whole model's
-    experts with the other ranks' as sentinel ids.
+    """Random hidden states and top-k routing (distinct experts per token) for `num_tokens` tokens, one draw per
+    `(seed, num_tokens)`; for a rank's layer under all-reduce expert parallelism (`spec.expert_shards > 1`), routing
+    over the whole model's experts with the other ranks' as sentinel ids.
+
+    Args:
+        routing (`Routing`, *optional*): the distribution the experts are drawn from (default: uniform; see
+            `autoexperts.calibration.routing`).
 
     Returns:
         `hidden_states (num_tokens, hidden_dim)`, `top_k_index (num_tokens, top_k)` int64,
@@ -128,9 +139,9 @@ def routed_inputs(
     """
     generator = torch.Generator(device="cpu").manual_seed(seed + num_tokens)
     hidden_states = torch.randn(num_tokens, spec.hidden_dim, generator=generator)  # (num_tokens, hidden_dim)
+    routing = routing or Routing()
     model_experts = spec.num_experts * spec.expert_shards  # the whole model's, under all-reduce expert parallelism
-    scores = torch.rand(num_tokens, model_experts, generator=generator)  # (num_tokens, model_experts)
-    top_k_index = scores.topk(spec.top_k, dim=-1).indices  # (num_tokens, top_k)
+    top_k_index = routing.draw(num_tokens, model_experts, spec.top_k, generator)  # (num_tokens, top_k)
     top_k_weights = torch.randn(num_tokens, spec.top_k, generator=generator).softmax(dim=-1)  # (num_tokens, top_k)
     if spec.expert_shards > 1:
         # As Transformers' all-reduce expert parallelism hands a rank the batch: its own experts 0..num_experts-1,

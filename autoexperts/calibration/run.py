@@ -28,6 +28,7 @@ from .adaptive import device_model_tokens
 from .checkpoint import checkpoint_path, read_checkpoint, write_checkpoint
 from .experts_layer import build_experts_layer
 from .model_source import resolve_model
+from .routing import Routing
 from .sweep import SweepOptions, default_token_grid, run_sweep
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def calibrate(
     tp_size: int = 1,
     ep_size: int = 1,
     ep_implementation: str = "auto",
+    routing: Routing | str | None = None,
 ) -> Profile:
     """Calibrates one model's experts layer on a device and saves the profile.
 
@@ -120,6 +122,10 @@ def calibrate(
         tp_size (`int`), ep_size (`int`), ep_implementation (`str`): as in Transformers' `DistributedConfig`: calibrate
             the layer one rank runs under that parallelism (see `autoexperts.expert_parallel`), which `auto` finds
             from inside the distributed run.
+        routing (`Routing` or `str`, *optional*): the distribution each point's experts are drawn from: `"uniform"`
+            (the default), `"zipf:S"` or a routing file from `autoexperts.record_routing` (see
+            `calibration.routing`). The profile records it. A device model, measured with uniform routing, does not
+            choose the counts of a skewed calibration: it measures the default grid.
 
     Several processes calibrating the same layer on the same kind of device at once (the ranks of a `torchrun`
     launch) measure it once: the first takes the layer's lock and measures, the others wait for it and return the
@@ -132,7 +138,8 @@ def calibrate(
         `Profile`: the saved profile (`profile.json_path` says where).
 
     Raises:
-        `UsageError`: on bad input; with `resume`, when there is no checkpoint or it was measured for something else.
+        `UsageError`: on bad input (a routing file without a layer of this shape included); with `resume`, when there
+            is no checkpoint or it was measured for something else.
         `CalibrationInterrupted`: on Ctrl-C, naming the checkpoint that keeps the points measured so far.
     """
     torch_device = resolve_device(device)
@@ -160,6 +167,7 @@ def calibrate(
         ep_size, ep_implementation = tp_size, ALL_REDUCE  # what this Transformers' tensor-parallel plan does
     implementation = resolve_ep_implementation(ep_implementation, tp_size, ep_size)
     parallel = parallel_layer(source.config, top_k, tp_size, ep_size, implementation)
+    routing = Routing.parse(routing) if isinstance(routing, str) else (routing or Routing())
 
     started = time.perf_counter()
     layer = build_experts_layer(
@@ -167,6 +175,7 @@ def calibrate(
         tp_size=tp_size,
     )  # fmt: skip
     backends = runnable_for_shape(layer.spec, list(backends))
+    routing = routing.for_shape(layer.spec.num_experts * layer.spec.expert_shards, layer.spec.top_k)
     name = device_name(torch_device)
     target = profile_path(folder, name, layer.spec.file_stem(compile_mode))  # without suffix
     waiting_since, launch = time.time(), launch_id()
@@ -178,7 +187,7 @@ def calibrate(
         return _calibrate_layer(
             layer, source, name, torch_device, torch_dtype, folder, list(backends), tokens, progress,
             seconds_per_point, resume, compile_mode, full_grid, {**parallel, "launch": launch} if launch else parallel,
-            started,
+            started, routing,
         )  # fmt: skip
 
 
@@ -208,12 +217,12 @@ def _measured_meanwhile(json_path: Path, since: float, launch: str | None) -> Pr
 
 def _calibrate_layer(
     layer, source, name, torch_device, torch_dtype, folder, backends, tokens, progress, seconds_per_point, resume,
-    compile_mode, full_grid, parallel, started,
+    compile_mode, full_grid, parallel, started, routing,
 ) -> Profile:  # fmt: skip
     """The sweep, fit and save of `calibrate` (under the layer's calibration lock)."""
     memory_limit = SWEEP_MEMORY_FRACTION * free_memory_bytes(torch_device)
     guide = None
-    if tokens is None and not full_grid:
+    if tokens is None and not full_grid and routing.is_uniform:
         tokens, guide = device_model_tokens(layer.spec, name, compile_mode, list(backends), memory_limit)
     tokens = tokens or default_token_grid()
     checkpoint = checkpoint_path(profile_path(folder, name, layer.spec.file_stem(compile_mode)))
@@ -223,6 +232,7 @@ def _calibrate_layer(
         "device": name,
         "compile_mode": compile_mode,
         "backends": sorted(backends),
+        "routing": routing.to_json(),
         "versions": {k: v for k, v in library_versions().items() if k in ("torch", "transformers")},
     }
     done = [m for m in read_checkpoint(checkpoint, header) if m.num_tokens in tokens] if resume else []
@@ -245,6 +255,7 @@ def _calibrate_layer(
         done=done,
         on_point=save_checkpoint,
         compile_mode=compile_mode,
+        routing=routing,
     )
     try:  # until the profile is saved, an interruption or a crash leaves the checkpoint to resume from
         measurements = run_sweep(layer, torch_device, torch_dtype, options)
@@ -305,7 +316,7 @@ def _profile(layer, source, name: str, torch_device, measurements, options, elap
                 "tokens": list(options.tokens),
                 "tokens_chosen_by": str(guide.json_path) if guide is not None else "default grid",
                 "backends": list(options.backends),
-                "routing": "uniform random, distinct experts per token",
+                "routing": options.routing.to_json(),
                 "seconds_per_point": options.seconds_per_point,
                 "compile": {"mode": options.compile_mode, "dynamic": True, "fullgraph": True}
                 if options.compile_mode != "none"

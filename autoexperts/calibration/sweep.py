@@ -41,6 +41,7 @@ from ..timing import interleaved_rounds, repeats_for, timed_call_ms
 from .experts_layer import ExpertsLayer, routed_inputs
 from .interrupts import raise_if_interrupted, remember_interrupts
 from .memory import peak_call_bytes
+from .routing import Routing
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ class SweepOptions:
     on_point: Callable[[list[Measurement]], None] | None = None
     # "none", or a `torch.compile` mode the backends run under (see the module docstring).
     compile_mode: str = "none"
+    # The distribution each point's experts are drawn from (see `routing`); uniform by default.
+    routing: Routing = field(default_factory=Routing)
 
 
 def sweep_callable(name: str, experts_class: type, compile_mode: str) -> Callable:
@@ -185,7 +188,7 @@ def _measure_again(
     """Measures the backends that ran at `num_tokens` again, replaces their points in `results` and returns their
     new medians."""
     ran = [m.backend for m in results if m.num_tokens == num_tokens and m.status == "ok"]
-    inputs = routed_inputs(layer.spec, num_tokens, device, dtype, options.seed)
+    inputs = routed_inputs(layer.spec, num_tokens, device, dtype, options.seed, options.routing)
     times, peaks, _ = _measure_point(functions, memory_functions, layer.module, inputs, ran, device, options)
     for i, m in enumerate(results):
         if m.num_tokens == num_tokens and m.backend in times:
@@ -221,7 +224,9 @@ def run_sweep(
             pending = [b for b in options.backends if (b, num_tokens) not in done]
             if not pending:
                 continue
-            hidden_states, top_k_index, top_k_weights = routed_inputs(spec, num_tokens, device, dtype, options.seed)
+            hidden_states, top_k_index, top_k_weights = routed_inputs(
+                spec, num_tokens, device, dtype, options.seed, options.routing
+            )
             active = []
             for backend in pending:
                 stop = stopped.get(backend)
