@@ -113,6 +113,9 @@ def describe_profile(profile: Profile, budget_bytes: float, budget_label: str) -
     if parallel:
         lines.append(f"parallel  {describe_parallel(spec, parallel)}")
     lines.append(f"routing   {_routing(sweep.get('routing'))}")
+    allocator = meta.get("device", {}).get("allocator_settings")
+    if allocator:
+        lines.append("allocator " + ", ".join(f"{name}={value}" for name, value in allocator.items()))
     if sweep.get("tokens_chosen_by", "default grid") != "default grid":
         lines.append(f"tokens    {len(sweep['tokens'])} counts around the crossovers of {sweep['tokens_chosen_by']}")
     if profile.stale:

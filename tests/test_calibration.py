@@ -1,6 +1,7 @@
 """Calibration pieces: presets and model sources, the experts layer, peak memory on CPU, and the sweep."""
 
 import json
+import os
 import signal
 import time
 import weakref
@@ -219,6 +220,21 @@ def test_ctrl_c_swallowed_by_a_finalizer_still_stops_the_sweep(monkeypatch, smal
     # The interrupted count is not saved (its memory bookkeeping may be cut short), the counts before it are.
     assert saved[-1] == {1, 2}
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_profile_records_the_allocator_settings_it_was_measured_under(tmp_path, monkeypatch):
+    from autoexperts.calibration.run import calibrate
+    from autoexperts.report import describe_profile
+
+    # glibc reads them at start-up; on CPU they move the crossovers (README), so a calibration records them.
+    for name in [n for n in os.environ if n.startswith("MALLOC_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4294967296")
+    profile = calibrate(
+        model="small-moe", device="cpu", tokens=[1, 4], out=tmp_path, progress=False, seconds_per_point=0.01
+    )
+    assert profile.metadata["device"]["allocator_settings"] == {"MALLOC_TRIM_THRESHOLD_": "4294967296"}
+    assert "allocator MALLOC_TRIM_THRESHOLD_=4294967296" in describe_profile(profile, 2**30, "test")
 
 
 # Interrupted calibrations: the checkpoint and --resume.

@@ -26,7 +26,7 @@ from ..layer import DEFAULT_BACKENDS
 from ..profile import atomic_write_bytes, default_write_dir, profile_path
 from ..selection import runnable_backends
 from .design import DESIGN_SHAPES, build_design_layer, matmul_flops_per_second, scale_to_fit, token_counts
-from .run import resolve_device, resolve_dtype, runnable_for_shape
+from .run import allocator_settings, resolve_device, resolve_dtype, runnable_for_shape
 from .sweep import SweepOptions, run_sweep
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,11 @@ def calibrate_device_model(
             model=model,
             metadata={
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "device": {"torch_threads": torch.get_num_threads(), "matmul_flops_per_second": rate},
+                "device": {
+                    "torch_threads": torch.get_num_threads(),
+                    "allocator_settings": allocator_settings(),
+                    "matmul_flops_per_second": rate,
+                },
                 "versions": library_versions(),
                 "sweep": {
                     "backends": backends,

@@ -191,6 +191,12 @@ def calibrate(
         )  # fmt: skip
 
 
+def allocator_settings() -> dict[str, str]:
+    """The glibc allocator settings of this process's environment (`MALLOC_*`): on CPU they move the crossovers
+    (see the README's CPU notes), so a calibration records them."""
+    return {name: value for name, value in sorted(os.environ.items()) if name.startswith("MALLOC_")}
+
+
 def launch_id() -> str | None:
     """What the processes of one `torchrun` launch on one node share (`None` outside torchrun): its run id and
     rendezvous address, and the agent process that started them."""
@@ -308,6 +314,7 @@ def _profile(layer, source, name: str, torch_device, measurements, options, elap
                 "driver": driver_version(torch_device),
                 "gpu_driver": gpu_driver_version(torch_device.type),
                 "torch_threads": torch.get_num_threads(),
+                "allocator_settings": allocator_settings(),
             },
             "versions": library_versions(),
             "model": source.describe(),
