@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import tiny_model
+from autoexperts.expert_parallel import tp_expert_style
+from tests.conftest import tiny_config, tiny_model
 from tests.distributed_worker import BATCH, CASES, SEQ, WORLD_SIZE, input_batch
 
 pytest.importorskip("accelerate")  # Transformers needs it to load with a `distributed_config`
@@ -42,10 +43,23 @@ def run_case(case: str, checkpoint: Path, out_dir: Path, profile_dir: Path, extr
 
     The workers read profiles from `profile_dir` (`AUTOEXPERTS_PROFILE_DIR`), with no other `AUTOEXPERTS_*` variable
     of this process's environment, and `extra_env` on top."""
+    _skip_unless_supported(case)
     env = _environment(profile_dir)
     env.update(extra_env or {})
     _launch([str(WORKER), str(checkpoint), case, str(out_dir)], env, case)
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+
+def _skip_unless_supported(case: str) -> None:
+    """Skips `case` where the installed Transformers' `DistributedConfig` lacks one of its settings (`ep_size` and
+    `ep_implementation` came with Transformers 5.2x; earlier versions had `enable_expert_parallel` only)."""
+    import dataclasses
+
+    from transformers.distributed import DistributedConfig
+
+    missing = set(CASES[case]["config"]) - {field.name for field in dataclasses.fields(DistributedConfig)}
+    if missing:
+        pytest.skip(f"this Transformers' DistributedConfig has no {', '.join(sorted(missing))}")
 
 
 def _environment(profile_dir: Path) -> dict:
@@ -77,10 +91,11 @@ def _assert_local_layers(results: list[dict], case: str, num_experts: int, top_k
     for rank, decisions in enumerate(decisions_per_rank(results)):
         assert len(decisions) == NUM_LAYERS, (rank, decisions)
         for decision in decisions:
+            intermediate = TP_INTERMEDIATE if case == "tp" else 32
             assert (decision["num_experts"], decision["hidden_dim"], decision["intermediate_dim"]) == (
                 num_experts,
                 64,
-                32,
+                intermediate,
             ), (rank, decision)
             assert decision["top_k"] == top_k, (rank, decision)
             assert decision["backend"] in {"eager", "batched_mm", "grouped_mm"}, (rank, decision)
@@ -105,9 +120,12 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+# Tensor parallelism halves every expert's intermediate size where the installed Transformers' plan has rules for the
+# experts (up to 5.24), and leaves the experts whole where it has none (5.25: they belong to the expert-parallel plan).
+TP_INTERMEDIATE = 16 if tp_expert_style(tiny_config("qwen3_moe")) == "intermediate" else 32
 # Each case's local experts layer and the `calibrate` options that give it (as in `DistributedConfig`).
 LOCAL_LAYERS = {
-    "tp": ("qwen3moeexperts-e8-h64-i32-k2-float32-none", ["--tp-size", "2"]),  # TP leaves the experts whole
+    "tp": (f"qwen3moeexperts-e8-h64-i{TP_INTERMEDIATE}-k2-float32-none", ["--tp-size", "2"]),
     "ep_all_to_all": (
         "qwen3moeexperts-e4-h64-i32-k1-float32-none",
         ["--ep-size", "2", "--ep-implementation", "all_to_all"],

@@ -125,12 +125,17 @@ def test_sweep_inputs_of_a_ranks_all_reduce_layer_route_the_other_ranks_share_to
     assert torch.all(top_k_weights[sentinel] == 0) and torch.all(top_k_weights[~sentinel] > 0)
 
 
+TP_INTERMEDIATE = 16 if tp_expert_style(tiny_config("qwen3_moe")) == "intermediate" else 32
+
+
 @pytest.mark.parametrize(
     ("options", "stem", "top_k", "shards"),
     [
         ({"ep_size": 2, "ep_implementation": "all_to_all"}, "e4-h64-i32-k1-float32", 1, 1),  # own pairs, top-1
         ({"ep_size": 2, "tp_size": 2}, "e4-h64-i32-k2-ep2-float32", 2, 2),  # auto: ep == tp runs all-reduce
-        ({"tp_size": 2}, "e8-h64-i32-k2-float32", 2, 1),  # tensor parallelism leaves the experts whole
+        # tensor parallelism: the experts whole (Transformers 5.25), or every expert's intermediate halved (its plan
+        # had expert rules up to 5.24)
+        ({"tp_size": 2}, f"e8-h64-i{TP_INTERMEDIATE}-k2-float32", 2, 1),
     ],
 )
 def test_calibrate_measures_the_layer_one_rank_runs(tmp_path, options, stem, top_k, shards):
@@ -185,10 +190,11 @@ def test_a_tensor_parallel_plan_for_the_experts_splits_their_intermediate_size(m
     config = _with_expert_tp_rules(tiny_config(model_type), "local_colwise")
     local = build_experts_layer(config, torch.device("meta"), torch.float32, tp_size=2)
     assert local.spec == dataclasses.replace(whole.spec, intermediate_dim=whole.spec.intermediate_dim // 2)
-    # This Transformers' own plans leave the experts to the expert-parallel plan: whole under tensor parallelism.
-    assert (
-        build_experts_layer(tiny_config(model_type), torch.device("meta"), torch.float32, tp_size=2).spec == whole.spec
-    )
+    # The installed Transformers' own plan: from 5.25 the experts belong to the expert-parallel plan and stay whole
+    # under tensor parallelism; before, a model whose plan had expert rules got them split.
+    own = build_experts_layer(tiny_config(model_type), torch.device("meta"), torch.float32, tp_size=2).spec
+    splits = tp_expert_style(tiny_config(model_type)) == "intermediate"
+    assert own == (local.spec if splits else whole.spec)
 
 
 @pytest.mark.parametrize(
