@@ -315,6 +315,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     )
     budget, label = _budget(None, profile.spec.device_type)
     print(describe_profile(profile, budget, label))
+    if profile.measured_elsewhere:
+        print(f"\nmeasured meanwhile by another process (another rank of this launch); profile at {profile.json_path}")
+        return 0
     print(f"\ncalibrated in {profile.metadata['sweep']['wall_seconds']:.1f} s; profile written to {profile.json_path}")
     replacement = describe_replacement(profile)
     if replacement is not None:

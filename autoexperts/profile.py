@@ -87,6 +87,8 @@ class Profile:
     stale: list[str] = dataclasses.field(default_factory=list)
     # Set by `save_profile` when the save replaced a profile at the same place (kept as a backup).
     replaced: Replaced | None = None
+    # Set by `calibrate` when another process (e.g. another rank of the same torchrun launch) measured it meanwhile.
+    measured_elsewhere: bool = False
 
     def to_json(self) -> dict:
         return {

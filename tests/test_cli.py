@@ -380,6 +380,9 @@ def test_concurrent_calibrations_of_one_profile_measure_it_once(tmp_path):
     # replaced copy, no temporary or lock files.
     reused = sum("was calibrated by another process meanwhile" in err for (_, err), _ in results)
     assert reused == 2, [err for (_, err), _ in results]
+    said = [out for (out, _), _ in results]
+    assert sum("measured meanwhile by another process" in out for out in said) == 2, said
+    assert sum("calibrated in" in out for out in said) == 1, said
     files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
     assert [name.rsplit(".", 1)[1] for name in files] == ["joblib", "json"], files
     with warnings.catch_warnings():

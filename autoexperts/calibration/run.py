@@ -183,6 +183,7 @@ def calibrate(
         measured_meanwhile = _measured_meanwhile(target.with_name(f"{target.name}.json"), waiting_since, launch)
         if measured_meanwhile is not None:
             logger.info("%s was calibrated by another process meanwhile: %s", layer.spec.describe(), target)
+            measured_meanwhile.measured_elsewhere = True
             return measured_meanwhile
         return _calibrate_layer(
             layer, source, name, torch_device, torch_dtype, folder, list(backends), tokens, progress,
