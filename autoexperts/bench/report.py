@@ -122,6 +122,21 @@ def _compared_profile_lines(sweep: dict) -> list[str]:
     compared = sweep.get("compared_profile")
     if not compared:
         return []
+    choosers = (
+        ("profile", "auto with this run's profile (its picks)"),
+        ("compared", f"auto with the profile calibrated {compared['routing']['text']}"),
+    )
+    return [
+        "",
+        f"**Another calibration of this layer** (`{compared['path']}`, routing {compared['routing']['text']}) gives "
+        f"{_regions_text(compared['regions'])}. Both choosers' totals are read off the fixed backends' medians above:",
+        "",
+        *_chooser_table(compared, choosers),
+    ]
+
+
+def _chooser_table(compared: dict, choosers) -> list[str]:
+    """Each `(name, label)` chooser's total, its ratio to the oracle and its oracle picks, from `compared`."""
     totals = compared["totals"]
     rows = [
         [
@@ -130,18 +145,9 @@ def _compared_profile_lines(sweep: dict) -> list[str]:
             _ratio(totals[name]["over_oracle"]),
             f"{totals[name]['oracle_picks']} of {len(compared['picks'])}",
         ]
-        for name, label in (
-            ("profile", "auto with this run's profile (its picks)"),
-            ("compared", f"auto with the profile calibrated {compared['routing']['text']}"),
-        )
+        for name, label in choosers
     ]
-    return [
-        "",
-        f"**Another calibration of this layer** (`{compared['path']}`, routing {compared['routing']['text']}) gives "
-        f"{_regions_text(compared['regions'])}. Both choosers' totals are read off the fixed backends' medians above:",
-        "",
-        *_table(["chooser", "total", "/ oracle", "oracle picks"], rows),
-    ]
+    return _table(["chooser", "total", "/ oracle", "oracle picks"], rows)
 
 
 def _device_model_lines(sweep: dict) -> list[str]:
@@ -149,26 +155,14 @@ def _device_model_lines(sweep: dict) -> list[str]:
     compared = sweep.get("device_model")
     if not compared:
         return []
-    totals = compared["totals"]
-    rows = [
-        [
-            label,
-            _ms(totals[name]["total_ms"]),
-            _ratio(totals[name]["over_oracle"]),
-            f"{totals[name]['oracle_picks']} of {len(compared['picks'])}",
-        ]
-        for name, label in (("profile", "auto with the exact profile"), ("device_model", "auto with the device model"))
-    ]
-    regions = ", ".join(
-        f"{r['first']}–{'∞' if r['last'] is None else r['last']} {r['backend']}" for r in compared["regions"]
-    )
+    choosers = (("profile", "auto with the exact profile"), ("device_model", "auto with the device model"))
     return [
         "",
         f"**Without the exact profile**: the device model ({compared['form']} form, `{compared['path']}`) gives "
-        f"{regions}. Both choosers' totals below are read off the fixed backends' medians above (a pick that was not "
-        "timed there counts 8× the oracle when dropped as slow):",
+        f"{_regions_text(compared['regions'])}. Both choosers' totals below are read off the fixed backends' medians "
+        "above (a pick that was not timed there counts 8× the oracle when dropped as slow):",
         "",
-        *_table(["chooser", "total", "/ oracle", "oracle picks"], rows),
+        *_chooser_table(compared, choosers),
     ]
 
 
