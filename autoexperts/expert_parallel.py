@@ -46,6 +46,18 @@ def _first_int(config, names: tuple[str, ...]) -> int | None:
     return None
 
 
+def _text_config(config):
+    """The text model's config of a (possibly multimodal) config."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _replace_parameter(experts: torch.nn.Module, name: str, shape) -> None:
+    """Replaces `experts`' parameter `name` by an uninitialised one of `shape` (same dtype, device, grad flag)."""
+    parameter = getattr(experts, name)
+    empty = torch.empty(tuple(shape), dtype=parameter.dtype, device=parameter.device)
+    setattr(experts, name, torch.nn.Parameter(empty, requires_grad=parameter.requires_grad))
+
+
 def _ep_size(module: torch.nn.Module) -> int:
     """How many ranks Transformers' expert-parallel plan split this layer's experts across (1 when it did not)."""
     if not getattr(module, "_is_expert_parallel", False):
@@ -109,8 +121,7 @@ def tp_expert_style(config) -> str | None:
     """How the installed Transformers' tensor-parallel plan for this model treats its routed experts: `None` (left
     whole), `"intermediate"` (each rank a slice of every expert's intermediate size) or `"masked"` (whole experts
     split across the ranks with sentinel ids, the deprecated `moe_tp_experts` style)."""
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    plan = getattr(text_config, "base_model_tp_plan", None) or {}
+    plan = getattr(_text_config(config), "base_model_tp_plan", None) or {}
     styles = {style for name, style in plan.items() if _TP_EXPERTS_RULE.search(name)}
     if not styles:
         return None
@@ -134,11 +145,10 @@ def shard_intermediate(experts: torch.nn.Module, tp_size: int) -> None:
         if shape[dim] % tp_size:
             raise UsageError(f"--tp-size {tp_size} does not divide {name}'s intermediate size {shape[dim]}")
         shape[dim] //= tp_size
-        empty = torch.empty(shape, dtype=parameter.dtype, device=parameter.device)
-        setattr(experts, name, torch.nn.Parameter(empty, requires_grad=parameter.requires_grad))
+        _replace_parameter(experts, name, shape)
 
 
-def parallel_layer(config, top_k: int | None, tp_size: int, ep_size: int, ep_implementation: str) -> dict:
+def parallel_layer(config, tp_size: int, ep_size: int, ep_implementation: str) -> dict:
     """What a profile records of the parallelism its layer was calibrated for (`{}` without any).
 
     Raises:
@@ -149,8 +159,7 @@ def parallel_layer(config, top_k: int | None, tp_size: int, ep_size: int, ep_imp
             raise UsageError(f"{name} must be a positive integer (got {size})")
     if tp_size == 1 and ep_size == 1:
         return {}
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    num_experts = _first_int(text_config, _NUM_EXPERTS_ATTRS)
+    num_experts = _first_int(_text_config(config), _NUM_EXPERTS_ATTRS)
     if ep_size > 1:
         if num_experts is not None and num_experts % ep_size:
             raise UsageError(f"--ep-size {ep_size} does not divide the model's {num_experts} experts")
@@ -169,8 +178,6 @@ def shard_experts(experts: torch.nn.Module, ep_size: int) -> None:
     local = total // ep_size
     for name, parameter in list(experts.named_parameters(recurse=False)):
         if parameter.dim() >= 1 and parameter.shape[0] == total:
-            local_shape = (local, *parameter.shape[1:])
-            empty = torch.empty(local_shape, dtype=parameter.dtype, device=parameter.device)
-            setattr(experts, name, torch.nn.Parameter(empty, requires_grad=parameter.requires_grad))
+            _replace_parameter(experts, name, (local, *parameter.shape[1:]))
     experts.num_experts = local
     experts._is_expert_parallel = True

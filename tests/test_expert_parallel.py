@@ -169,6 +169,9 @@ def test_processes_of_one_torchrun_launch_measure_a_layer_once(tmp_path, monkeyp
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "another-launch")  # a new launch measures again
     calibrate(seconds_per_point=0.01, ep_size=2, **kwargs)
     assert len(sweeps) == 2
+    # The launch is recorded on its own: a whole layer calibrated under torchrun claims no parallel layout.
+    whole = calibrate(seconds_per_point=0.01, **kwargs)
+    assert "launch" in whole.metadata and "parallel" not in whole.metadata
 
 
 def _with_expert_tp_rules(config, style: str):

@@ -166,7 +166,7 @@ def calibrate(
     if tp_size > 1 and ep_size == 1 and tp_expert_style(source.config) == "masked":
         ep_size, ep_implementation = tp_size, ALL_REDUCE  # what this Transformers' tensor-parallel plan does
     implementation = resolve_ep_implementation(ep_implementation, tp_size, ep_size)
-    parallel = parallel_layer(source.config, top_k, tp_size, ep_size, implementation)
+    parallel = parallel_layer(source.config, tp_size, ep_size, implementation)
     routing = Routing.parse(routing) if isinstance(routing, str) else (routing or Routing())
 
     started = time.perf_counter()
@@ -186,9 +186,8 @@ def calibrate(
             measured_meanwhile.measured_elsewhere = True
             return measured_meanwhile
         return _calibrate_layer(
-            layer, source, name, torch_device, torch_dtype, folder, list(backends), tokens, progress,
-            seconds_per_point, resume, compile_mode, full_grid, {**parallel, "launch": launch} if launch else parallel,
-            started, routing,
+            layer, source, name, target, torch_device, torch_dtype, folder, list(backends), tokens, progress,
+            seconds_per_point, resume, compile_mode, full_grid, parallel, launch, started, routing,
         )  # fmt: skip
 
 
@@ -217,14 +216,14 @@ def _measured_meanwhile(json_path: Path, since: float, launch: str | None) -> Pr
     if written < since and launch is None:
         return None
     profile = load_profile(json_path)
-    if written >= since or profile.metadata.get("parallel", {}).get("launch") == launch:
+    if written >= since or profile.metadata.get("launch") == launch:
         return profile
     return None
 
 
 def _calibrate_layer(
-    layer, source, name, torch_device, torch_dtype, folder, backends, tokens, progress, seconds_per_point, resume,
-    compile_mode, full_grid, parallel, started, routing,
+    layer, source, name, target, torch_device, torch_dtype, folder, backends, tokens, progress, seconds_per_point,
+    resume, compile_mode, full_grid, parallel, launch, started, routing,
 ) -> Profile:  # fmt: skip
     """The sweep, fit and save of `calibrate` (under the layer's calibration lock)."""
     memory_limit = SWEEP_MEMORY_FRACTION * free_memory_bytes(torch_device)
@@ -232,7 +231,7 @@ def _calibrate_layer(
     if tokens is None and not full_grid and routing.is_uniform:
         tokens, guide = device_model_tokens(layer.spec, name, compile_mode, list(backends), memory_limit)
     tokens = tokens or default_token_grid()
-    checkpoint = checkpoint_path(profile_path(folder, name, layer.spec.file_stem(compile_mode)))
+    checkpoint = checkpoint_path(target)
     # What the checkpoint's points were measured for: resuming needs all of it to match.
     header = {
         "layer": dataclasses.asdict(layer.spec),
@@ -270,6 +269,8 @@ def _calibrate_layer(
         profile = _profile(layer, source, name, torch_device, measurements, options, elapsed, guide)
         if parallel:
             profile.metadata["parallel"] = parallel
+        if launch:  # the torchrun launch it was measured in: its other ranks use this profile
+            profile.metadata["launch"] = launch
         save_profile(profile, folder)
     except KeyboardInterrupt as interrupt:
         kept = checkpoint if checkpoint.is_file() else None
