@@ -91,13 +91,19 @@ bench() {  # bench NAME CAP [ARGS...]: `autoexperts bench` into $work/NAME, with
         --prompt-length 128 --new-tokens 64 --no-progress "$@"
 }
 
+# GPU_SUITE_RESUME=DIR: a folder holding <gpu>/<checkpoint> of an interrupted calibration, copied where the
+# calibrations below write, so that their --resume goes on from it.
+bring_back_checkpoints() {
+    if [ -n "${GPU_SUITE_RESUME:-}" ]; then
+        mkdir -p "$work/profiles" && cp -r "$GPU_SUITE_RESUME"/. "$work/profiles/"
+    fi
+}
+
 # The float16 device model, under cProfile to see where its calibration time goes (219 s in bfloat16, the target is
 # 180 s); cut off by its box, its checkpoint comes back in profiles/<gpu>/: GPU_SUITE_RESUME=DIR (a folder holding
 # <gpu>/device-model-float16-none.checkpoint) goes on from it.
 float16_device_model() {
-    if [ -n "${GPU_SUITE_RESUME:-}" ]; then
-        mkdir -p "$work/profiles" && cp -r "$GPU_SUITE_RESUME"/. "$work/profiles/"
-    fi
+    bring_back_checkpoints
     step device-model-float16 600 "$python" -m cProfile -o "$work/device-model-float16.prof" -m autoexperts \
         calibrate --device-model --device "$device" --dtype float16 --out "$work/profiles" --no-progress \
         ${GPU_SUITE_RESUME:+--resume}
@@ -114,9 +120,7 @@ fi
 # models timed afresh against the 180 s target (bfloat16 replaces the shipped one if its held-out regret holds;
 # float16 is shipped if its held-out worst case is sane), then max-autotune-no-cudagraphs for the rest.
 if [ "${GPU_SUITE_STAGE:-first}" = third ]; then
-    if [ -n "${GPU_SUITE_RESUME:-}" ]; then  # a folder holding <gpu>/<checkpoint> of an interrupted calibration
-        mkdir -p "$work/profiles" && cp -r "$GPU_SUITE_RESUME"/. "$work/profiles/"
-    fi
+    bring_back_checkpoints
     step pytest-cuda 75 "$python" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py
     step device-model-bfloat16 200 "$python" -m autoexperts calibrate --device-model --device "$device" \
         --dtype bfloat16 --out "$work/profiles" --no-progress
