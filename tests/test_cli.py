@@ -400,3 +400,20 @@ def test_malformed_environment_budget_stops_before_measuring(command, tmp_path, 
     lines = err.strip().splitlines()
     assert status == 2 and len(lines) == 1 and "AUTOEXPERTS_MEMORY_BUDGET" in lines[0] and "'1.5GiB'" in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (["--ep-size", "3"], "--ep-size 3 does not divide the model's 16 experts"),  # small-moe has 16 experts
+        (["--ep-size", "2", "--ep-implementation", "all_reduce"], "needs --ep-size equal to --tp-size"),
+        (["--ep-size", "4", "--tp-size", "3"], "--ep-size must be a multiple of --tp-size"),
+        (["--ep-size", "0"], "'0' must be a positive integer"),  # argparse's own check
+        (["--ep-implementation", "all-to-all"], "invalid choice: 'all-to-all'"),  # a typo of all_to_all
+    ],
+)
+def test_bad_parallel_sizes_exit_2_with_one_line_and_write_nothing(options, says, tmp_path, capsys):
+    status, _, err = _main(["calibrate", "--device", "cpu", "--out", str(tmp_path), *FAST_SWEEP, *options], capsys)
+    assert status == 2 and says in err, err
+    assert len([line for line in err.strip().splitlines() if not line.startswith("usage:")]) == 1, err
+    assert list(tmp_path.iterdir()) == []
