@@ -42,6 +42,7 @@ __all__ = [
     "__version__",
     "add_dispatch_hook",
     "auto_experts_forward",
+    "pin_cpu_allocator",
     "record_decisions",
     "record_routing",
     "register",
@@ -52,6 +53,7 @@ __all__ = [
 # The public names whose modules import torch, imported on first access (PEP 562 `__getattr__`). Registration does
 # not wait for them: `_registration.install()` below sees to it.
 _LAZY_MODULES = {
+    "allocator": ("pin_cpu_allocator",),
     "capture": ("record_routing",),
     "decisions": ("Decision", "HookHandle", "add_dispatch_hook", "record_decisions"),
     "dispatch": ("auto_experts_forward", "register", "reset", "set_memory_budget"),
@@ -62,6 +64,7 @@ _LAZY_MODULES = {
 _MODULE_OF = {name: module for module, names in _LAZY_MODULES.items() for name in names}
 
 if TYPE_CHECKING:  # what static tools should see
+    from .allocator import pin_cpu_allocator
     from .capture import record_routing
     from .decisions import Decision, HookHandle, add_dispatch_hook, record_decisions
     from .dispatch import auto_experts_forward, register, reset, set_memory_budget

@@ -104,6 +104,10 @@ _ROUTING_HELP = (
     "the experts each token is routed to: uniform, zipf:S (expert of popularity rank r weighs r^-S) or a routing file "
     "from autoexperts.record_routing (default: uniform)"
 )
+_PIN_ALLOCATOR_HELP = (
+    "on CPU: fix glibc's mmap and trim thresholds in this process first, as autoexperts.pin_cpu_allocator() does in "
+    "yours: the crossovers measured then hold in a process that calls it (the profile records the settings)"
+)
 
 
 _VERBOSE_HELP = "log progress details (INFO) and decisions"
@@ -170,6 +174,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "choice: all_reduce when --ep-size equals --tp-size, else all_to_all)",
     )
     calibrate.add_argument("--routing", type=_routing, help=_ROUTING_HELP)
+    calibrate.add_argument("--pin-allocator", action="store_true", help=_PIN_ALLOCATOR_HELP)
     calibrate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     calibrate.add_argument(
         "--resume",
@@ -227,6 +232,7 @@ def _add_bench_parser(commands, verbose: argparse.ArgumentParser) -> None:
         help="also read the layer sweep's picks off the same timings for the profile of this folder (default, with a "
         "--routing other than uniform: the uniform calibration's folder <out>/<device>/profiles, when it has one)",
     )
+    bench.add_argument("--pin-allocator", action="store_true", help=_PIN_ALLOCATOR_HELP)
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
@@ -472,6 +478,8 @@ def _main(argv: list[str] | None) -> int:
     try:
         if args.command in ("calibrate", "bench"):
             _check_environment_budget()  # before measuring: calibrate prints its table under this budget at the end
+            if args.pin_allocator:
+                _pin_allocator()
         if args.command == "calibrate":
             return _calibrate(args)
         if args.command == "show":
@@ -494,6 +502,13 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         _print_error("interrupted; nothing partial was written")
         return 130
+
+
+def _pin_allocator() -> None:
+    from .allocator import pin_cpu_allocator
+
+    if not pin_cpu_allocator():
+        raise UsageError("--pin-allocator: glibc's thresholds could not be set here (glibc only); drop the option")
 
 
 def _print_error(message: str) -> None:

@@ -2,8 +2,8 @@
 differ from the running ones (a "stale" profile).
 
 torch, transformers and the GPU driver change the kernels behind every backend, so their versions can move the
-crossovers; a profile records them and a difference is reported. Versions a profile does not record (older or
-hand-made profiles) are not held against it.
+crossovers; a profile records them and a difference is reported. On CPU so do glibc's allocator settings
+(`autoexperts.allocator`). What a profile does not record (older or hand-made profiles) is not held against it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import transformers
 
+from .allocator import allocator_settings
 from .device import gpu_driver_version
 
 # The versions compared for staleness, as recorded under the profile's "versions".
@@ -57,4 +58,15 @@ def stale_reasons(record: dict) -> list[str]:
     running_driver = gpu_driver_version(device.get("type", ""))
     if recorded_driver and running_driver and str(recorded_driver) != running_driver:
         reasons.append(f"GPU driver {recorded_driver} (running {running_driver})")
+    recorded_allocator = device.get("allocator_settings")
+    if device.get("type") == "cpu" and isinstance(recorded_allocator, dict):
+        running_allocator = allocator_settings()
+        if recorded_allocator != running_allocator:
+            reasons.append(
+                f"allocator settings {_describe(recorded_allocator)} (running {_describe(running_allocator)})"
+            )
     return reasons
+
+
+def _describe(settings: dict) -> str:
+    return ", ".join(f"{name}={value}" for name, value in settings.items()) if settings else "glibc's defaults"

@@ -227,7 +227,7 @@ def test_a_profile_records_the_allocator_settings_it_was_measured_under(tmp_path
     from autoexperts.report import describe_profile
 
     # glibc reads them at start-up; on CPU they move the crossovers (README), so a calibration records them.
-    for name in [n for n in os.environ if n.startswith("MALLOC_")]:
+    for name in [n for n in os.environ if n.startswith("MALLOC_") or n == "GLIBC_TUNABLES"]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4294967296")
     profile = calibrate(

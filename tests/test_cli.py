@@ -417,3 +417,39 @@ def test_bad_parallel_sizes_exit_2_with_one_line_and_write_nothing(options, says
     assert status == 2 and says in err, err
     assert len([line for line in err.strip().splitlines() if not line.startswith("usage:")]) == 1, err
     assert list(tmp_path.iterdir()) == []
+
+
+# --pin-allocator: glibc's thresholds fixed before measuring (the real mallopt is tested in test_allocator, in a child
+# process: here a stand-in keeps this test process's allocator as it is).
+
+
+def test_pin_allocator_that_cannot_pin_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    from autoexperts import allocator
+
+    monkeypatch.setattr(allocator, "pin_cpu_allocator", lambda: False)
+    status, _, err = _main(
+        ["calibrate", "--device", "cpu", "--out", str(tmp_path), "--pin-allocator", *FAST_SWEEP], capsys
+    )
+    assert status == 2 and "--pin-allocator" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pin_allocator_pins_before_measuring_and_the_profile_records_it(tmp_path, capsys, monkeypatch):
+    from autoexperts import allocator
+
+    calls = []
+
+    def pin():
+        calls.append(True)
+        monkeypatch.setitem(allocator._pinned, "mallopt_mmap_threshold", "1073741824")
+        return True
+
+    monkeypatch.setattr(allocator, "pin_cpu_allocator", pin)
+    status, _, err = _main(
+        ["calibrate", "--device", "cpu", "--out", str(tmp_path), "--pin-allocator", *FAST_SWEEP], capsys
+    )
+    assert status == 0, err
+    (json_path,) = [p for p in tmp_path.rglob("*.json")]
+    recorded = json.loads(json_path.read_text())["device"]["allocator_settings"]
+    assert calls == [True] and recorded.get("mallopt_mmap_threshold") == "1073741824"

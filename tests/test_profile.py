@@ -262,12 +262,19 @@ def test_model_file_name_cannot_point_elsewhere(trusted, monkeypatch):
         ({"versions": {"scikit-learn": "0.0.1"}}, []),  # scikit-learn only matters for the joblib (refit)
         ({"device": {"type": "cuda", "gpu_driver": "535.0"}}, ["GPU driver 535.0 (running 550.54.15)"]),  # driver
         ({"device": {"type": "cuda", "gpu_driver": "550.54.15"}}, []),  # same driver
+        # On CPU, glibc's allocator settings move the crossovers (this process runs with glibc's defaults here):
+        ({"device": {"type": "cpu", "allocator_settings": {"MALLOC_TRIM_THRESHOLD_": "4294967296"}}},
+         ["allocator settings MALLOC_TRIM_THRESHOLD_=4294967296 (running glibc's defaults)"]),  # measured pinned
+        ({"device": {"type": "cpu", "allocator_settings": {}}}, []),  # measured with the defaults too
+        ({"device": {"type": "cpu"}}, []),  # not recorded: not held against the profile
+        ({"device": {"type": "cuda", "allocator_settings": {"MALLOC_TRIM_THRESHOLD_": "1"}}}, []),  # not the GPU's
     ],
-)
+)  # fmt: skip
 def test_stale_reasons(record, stale, monkeypatch):
     from autoexperts import freshness
 
     monkeypatch.setattr(freshness, "gpu_driver_version", lambda device_type: "550.54.15")
+    monkeypatch.setattr(freshness, "allocator_settings", dict)
     reasons = stale_reasons(record)
     assert len(reasons) == len(stale) and all(r.startswith(s) for r, s in zip(reasons, stale, strict=True))
 

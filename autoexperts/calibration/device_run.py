@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..allocator import allocator_settings
 from ..choices import CALIBRATION_MODES
 from ..cost_model import Measurement
 from ..device import device_name, free_memory_bytes
@@ -26,7 +27,7 @@ from ..layer import DEFAULT_BACKENDS
 from ..profile import atomic_write_bytes, default_write_dir, profile_path
 from ..selection import runnable_backends
 from .design import DESIGN_SHAPES, build_design_layer, matmul_flops_per_second, scale_to_fit, token_counts
-from .run import allocator_settings, resolve_device, resolve_dtype, runnable_for_shape
+from .run import resolve_device, resolve_dtype, runnable_for_shape
 from .sweep import SweepOptions, run_sweep
 
 logger = logging.getLogger(__name__)

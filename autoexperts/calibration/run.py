@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..allocator import allocator_settings
 from ..capabilities import unrunnable_backends
 from ..choices import CALIBRATION_MODES
 from ..cost_model import CostModel
@@ -189,12 +190,6 @@ def calibrate(
             layer, source, name, target, torch_device, torch_dtype, folder, list(backends), tokens, progress,
             seconds_per_point, resume, compile_mode, full_grid, parallel, launch, started, routing,
         )  # fmt: skip
-
-
-def allocator_settings() -> dict[str, str]:
-    """The glibc allocator settings of this process's environment (`MALLOC_*`): on CPU they move the crossovers
-    (see the README's CPU notes), so a calibration records them."""
-    return {name: value for name, value in sorted(os.environ.items()) if name.startswith("MALLOC_")}
 
 
 def launch_id() -> str | None:

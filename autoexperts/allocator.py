@@ -1,0 +1,65 @@
+"""glibc's allocator on CPU: the settings a calibration records, and fixing its thresholds in a running process.
+
+PyTorch's CPU tensors come from glibc's `malloc`. By default glibc's thresholds move with what the process frees:
+blocks above the mmap threshold get fresh pages on every call, and the heap's free top goes back to the kernel past
+the trim threshold, to be faulted in again by the next call. Which experts calls pay for fresh pages then depends on
+what ran before them (`calibrate/cpu_allocator_history.py`), so on CPU the backends' crossovers move from run to run
+and no model of the shape can predict them. With both thresholds fixed high they stay put: the README's CPU notes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import platform
+import sys
+
+logger = logging.getLogger(__name__)
+
+# mallopt's parameters (glibc's malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# What `pin_cpu_allocator` sets by default: no tensor below 1 GiB gets its own mapping, and up to 2 GiB of freed heap
+# (mallopt takes a C int) stays with the process.
+PINNED_MMAP_THRESHOLD = 2**30
+PINNED_TRIM_THRESHOLD = 2**31 - 1
+
+_pinned: dict[str, str] = {}
+
+
+def allocator_settings() -> dict[str, str]:
+    """The glibc allocator settings of this process (`MALLOC_*` and `GLIBC_TUNABLES` from its environment, and the
+    thresholds `pin_cpu_allocator` set): on CPU they move the crossovers, so a calibration records them."""
+    settings = {
+        name: value
+        for name, value in sorted(os.environ.items())
+        if name.startswith("MALLOC_") or name == "GLIBC_TUNABLES"
+    }
+    return {**settings, **_pinned}
+
+
+def pin_cpu_allocator(mmap_threshold: int = PINNED_MMAP_THRESHOLD, trim_threshold: int = PINNED_TRIM_THRESHOLD) -> bool:
+    """Fixes glibc's mmap and trim thresholds in this process (`mallopt`), as `MALLOC_MMAP_THRESHOLD_` and
+    `MALLOC_TRIM_THRESHOLD_` do when set before it starts: CPU experts calls then stop paying for fresh pages that
+    depend on the process's history, and the crossovers a calibration measured under the same settings hold. The
+    price: freed memory up to `trim_threshold` stays with the process.
+
+    Calibrate under the same settings (`autoexperts calibrate --pin-allocator`, or the environment variables).
+
+    Returns:
+        `bool`: whether both were set (`False`, with a warning in the log, where the C library is not glibc).
+    """
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        logger.warning("pin_cpu_allocator: this process's C library is not glibc; nothing changed")
+        return False
+    libc = ctypes.CDLL(None)
+    done = libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1
+    done = libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1 and done
+    if not done:
+        logger.warning(
+            "pin_cpu_allocator: glibc refused mmap_threshold=%d or trim_threshold=%d", mmap_threshold, trim_threshold
+        )
+        return False
+    _pinned.update(mallopt_mmap_threshold=str(int(mmap_threshold)), mallopt_trim_threshold=str(int(trim_threshold)))
+    logger.info("glibc's thresholds fixed: mmap %d B, trim %d B", mmap_threshold, trim_threshold)
+    return True

@@ -1,0 +1,81 @@
+"""glibc's allocator settings: what a calibration records, and `pin_cpu_allocator` (its CLI option: test_cli)."""
+
+import json
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from autoexperts import allocator
+
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.parametrize(
+    ("environ", "recorded"),
+    [
+        ({}, {}),  # glibc's defaults: nothing to record
+        ({"MALLOC_MMAP_THRESHOLD_": "1073741824", "HOME": "/x"}, {"MALLOC_MMAP_THRESHOLD_": "1073741824"}),  # variable
+        ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}, {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}),
+    ],
+)
+def test_allocator_settings_record_the_environment(environ, recorded, monkeypatch):
+    for name in [n for n in allocator.os.environ if n.startswith("MALLOC_") or n == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(name)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(allocator, "_pinned", {})
+    assert allocator.allocator_settings() == recorded
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's mallopt")
+def test_pinning_stops_fresh_pages_for_a_block_allocated_again():
+    # A 48 MiB block is above glibc's largest dynamic mmap threshold (32 MiB): by default it is mapped afresh, and its
+    # pages faulted in, on every allocation; pinned, it comes from the heap and the second allocation faults nothing.
+    # Run in a child process: pinning is for the rest of the process.
+    script = textwrap.dedent(
+        """
+        import ctypes, json, resource
+        import autoexperts
+        from autoexperts.allocator import allocator_settings
+
+        libc = ctypes.CDLL(None)
+        libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+        libc.free.argtypes = [ctypes.c_void_p]
+
+        def pages_faulted(size=48 * 2**20, times=3):
+            counts = []
+            for _ in range(times):
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                block = libc.malloc(size)
+                ctypes.memset(block, 1, size)
+                libc.free(block)
+                counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+            return counts
+
+        default = pages_faulted()
+        pinned = autoexperts.pin_cpu_allocator()
+        print(json.dumps({"default": default, "pinned": pinned, "after": pages_faulted(),
+                          "settings": allocator_settings()}))
+        """
+    )
+    environ = {k: v for k, v in allocator.os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environ, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    pages = 48 * 2**20 // 4096
+    assert all(count > pages // 2 for count in result["default"])  # mapped afresh each time
+    assert result["pinned"] is True
+    assert max(result["after"][1:]) < pages // 20  # reused: almost nothing faulted
+    assert result["settings"] == {
+        "mallopt_mmap_threshold": str(allocator.PINNED_MMAP_THRESHOLD),
+        "mallopt_trim_threshold": str(allocator.PINNED_TRIM_THRESHOLD),
+    }
+
+
+def test_pinning_elsewhere_than_glibc_changes_nothing_and_says_so(monkeypatch, caplog):
+    monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
+    monkeypatch.setattr(allocator, "_pinned", {})
+    assert allocator.pin_cpu_allocator() is False
+    assert "not glibc" in caplog.text and "mallopt_mmap_threshold" not in allocator.allocator_settings()
