@@ -17,7 +17,8 @@ from pathlib import Path
 
 from .cost_model import Measurement
 from .device_model import DeviceModel, ShapePoints
-from .errors import ProfileRefitWarning, ProfileSkippedWarning
+from .errors import ProfileRefitWarning, ProfileSkippedWarning, StaleProfileWarning
+from .freshness import stale_reasons
 from .layer import LayerSpec
 from .profile import (
     DEVICE_MODEL_PREFIX,
@@ -162,8 +163,14 @@ def _trusted_model(json_path: Path, record: dict) -> DeviceModel | None:
     return None
 
 
-def find_device_profile(device_name: str, dtype: str, compile_mode: str, folders) -> DeviceProfile | None:
-    """The first readable device model for `device_name`, `dtype` and `compile_mode` in `folders`, if any."""
+def find_device_profile(
+    device_name: str, dtype: str, compile_mode: str, folders, stale_policy: str = "use"
+) -> DeviceProfile | None:
+    """The first readable device model for `device_name`, `dtype` and `compile_mode` in `folders`, if any.
+
+    A stale one (measured with other software or, on CPU, other allocator settings: `freshness.stale_reasons`) is
+    used with a `StaleProfileWarning`, or skipped with one when `stale_policy` is `"fallback"`, as profiles are.
+    """
     for folder in folders:
         json_path = profile_path(Path(folder), device_name, device_model_stem(dtype, compile_mode)).with_suffix(".json")
         if not json_path.is_file():
@@ -175,5 +182,19 @@ def find_device_profile(device_name: str, dtype: str, compile_mode: str, folders
             continue
         if profile.device_name != device_name:
             continue
+        stale = stale_reasons({"versions": profile.metadata.get("versions"), "device": profile.metadata["device"]})
+        if stale:
+            command = f"autoexperts calibrate --device-model --device {profile.device_type} --dtype {dtype}"
+            command += f" --compile {compile_mode}" if compile_mode != "none" else ""
+            skipping = stale_policy == "fallback"
+            warn_once(
+                StaleProfileWarning,
+                str(json_path),
+                f"autoexperts: device model {json_path} is stale: measured with {', '.join(stale)}; "
+                + ("skipping it" if skipping else "using it anyway")
+                + f". Recalibrate with: {command}",
+            )
+            if skipping:
+                continue
         return profile
     return None

@@ -142,14 +142,15 @@ def describe_profile(profile: Profile, budget_bytes: float, budget_label: str) -
 
 
 def describe_device_profile(profile, budget_bytes: float, budget_label: str) -> str:
-    from .selection import device_model_table
-
     """A device model: what it was measured on, each form's leave-one-shape-out result, and the decision table it
     predicts for every design shape.
 
     Args:
         profile (`DeviceProfile`): the device model (see `autoexperts.device_profile`).
     """
+    from .freshness import stale_reasons
+    from .selection import device_model_table
+
     meta = profile.metadata
     versions = meta.get("versions", {})
     sweep = meta.get("sweep", {})
@@ -162,6 +163,14 @@ def describe_device_profile(profile, budget_bytes: float, budget_label: str) -> 
         f"{versions.get('transformers', '?')}: {len(profile.shapes)} shapes, {points} points"
         + (f", in {sweep['wall_seconds']:.1f} s" if "wall_seconds" in sweep else ""),
         f"budget        {format_bytes(budget_bytes)} ({budget_label})",
+    ]
+    allocator = meta.get("device", {}).get("allocator_settings")
+    if allocator:
+        lines.append("allocator     " + ", ".join(f"{name}={value}" for name, value in allocator.items()))
+    stale = stale_reasons({"versions": versions, "device": meta.get("device", {})})
+    if stale:
+        lines.append(f"STALE         measured with {', '.join(stale)}: recalibrate to refresh it")
+    lines += [
         f"form          {profile.model.form} (lowest leave-one-shape-out regret)",
         f"margin        {profile.model.margin():.1%} predicted saving over the fallback rule's choice before "
         "overriding it (the latency-ratio error)",

@@ -192,9 +192,12 @@ def _device_model_selection(
     if spec.expert_shards > 1:  # the design sweep has no sentinel routes: its work features cannot see their cost
         return None
     for profile_mode in profile_modes(key.compile_mode):
-        cache_key = (name, spec.dtype, profile_mode, tuple(profiles.search_dirs()))
+        stale_policy = settings.stale_profiles_policy()
+        cache_key = (name, spec.dtype, profile_mode, tuple(profiles.search_dirs()), stale_policy)
         if cache_key not in _device_models:
-            _device_models[cache_key] = find_device_profile(name, spec.dtype, profile_mode, profiles.search_dirs())
+            _device_models[cache_key] = find_device_profile(
+                name, spec.dtype, profile_mode, profiles.search_dirs(), stale_policy
+            )
         device_profile = _device_models[cache_key]
         if device_profile is None or not set(candidates) & set(device_profile.model.backends):
             continue

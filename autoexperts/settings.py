@@ -8,8 +8,9 @@
 |                             | or bare bytes from 1 MiB, `1e9`) or a fraction of the device's free      |
 |                             | memory (`0.5`); default `0.8`; a bare number in (1, 1 MiB) is rejected   |
 | `AUTOEXPERTS_LOG`           | `1` prints each new dispatch decision once, on stderr                    |
-| `AUTOEXPERTS_STALE_PROFILES`| `use` (default): a profile measured with another torch, transformers or  |
-|                             | GPU driver is used, with a warning; `fallback`: it is skipped            |
+| `AUTOEXPERTS_STALE_PROFILES`| `use` (default): a profile or device model measured with another torch,  |
+|                             | transformers, GPU driver or (CPU) allocator settings is used, with a     |
+|                             | warning; `fallback`: it is skipped                                       |
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import random
 import warnings
 
@@ -145,7 +146,8 @@ def test_the_default_backend_is_kept_within_the_models_own_error(synthetic_model
     assert [(r.backend, r.source) for r in table.regions] == [("grouped_mm", "device_model")]
 
 
-def save_synthetic_device_model(folder, model=None):
+def save_synthetic_device_model(folder, model=None, **metadata):
+    """A synthetic device model of this CPU saved in `folder`; `metadata` replaces fields of its record."""
     shapes = _synthetic_shapes(_design_specs())
     model = model or DeviceModel.fit(shapes, BACKENDS)
     profile = DeviceProfile(
@@ -155,7 +157,7 @@ def save_synthetic_device_model(folder, model=None):
         compile_mode="none",
         shapes=shapes,
         model=model,
-        metadata={"created": "2026-12-03T00:00:00+00:00", "versions": {}, "sweep": {"wall_seconds": 1.0}},
+        metadata={"created": "2026-12-03T00:00:00+00:00", "versions": {}, "sweep": {"wall_seconds": 1.0}, **metadata},
     )
     return dataclasses.replace(profile, json_path=save_device_profile(profile, folder))
 
@@ -187,6 +189,35 @@ def test_an_exact_profile_comes_before_the_device_model(profile_dir, save, synth
     with autoexperts.record_decisions() as decisions, torch.no_grad():
         model(input_ids=random_input_ids(1, 20))
     assert {(d.backend, d.source) for d in decisions} == {("grouped_mm", "profile")}
+
+
+@pytest.mark.parametrize(
+    ("metadata", "says"),
+    [
+        ({"versions": {"torch": "0.0.1"}}, "torch 0.0.1"),  # measured with another torch
+        # measured with glibc's thresholds pinned, used in a process with the defaults (no MALLOC_* set here)
+        ({"device": {"allocator_settings": {"mallopt_mmap_threshold": "1073741824"}}}, "allocator settings"),
+    ],
+)
+@pytest.mark.parametrize(("policy", "source"), [("use", "device_model"), ("fallback", "fallback")])
+def test_a_stale_device_model_is_said_so_and_skipped_on_request(
+    profile_dir, synthetic_model, monkeypatch, metadata, says, policy, source
+):
+    for name in [n for n in os.environ if n.startswith("MALLOC_") or n == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv(autoexperts.settings.STALE_PROFILES_ENV, policy)
+    save_synthetic_device_model(profile_dir, synthetic_model, **metadata)
+    model = tiny_model("qwen3_moe")
+    with (
+        pytest.warns(autoexperts.StaleProfileWarning, match=says) as caught,
+        autoexperts.record_decisions() as decisions,
+        torch.no_grad(),
+    ):
+        model(input_ids=random_input_ids(1, 3))
+        model(input_ids=random_input_ids(1, 3))
+    assert {d.source for d in decisions} == {source}
+    stale = [w for w in caught if issubclass(w.category, autoexperts.StaleProfileWarning)]
+    assert len(stale) == 1 and ("skipping it" in str(stale[0].message)) == (policy == "fallback")
 
 
 def test_the_memory_budget_applies_to_the_device_model(profile_dir, synthetic_model):
@@ -256,6 +287,21 @@ def test_show_prints_a_device_model(real_sweep, capsys):
     out = capsys.readouterr().out
     assert "leave one shape out" in out and f"form          {profile.model.form}" in out
     assert out.count("grouped_mm") >= 3  # a table per design shape
+
+
+def test_show_prints_a_device_models_allocator_settings_and_that_they_differ(tmp_path, monkeypatch, capsys):
+    for name in [n for n in os.environ if n.startswith("MALLOC_") or n == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(name)
+    settings = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+    profile = save_synthetic_device_model(tmp_path, device={"allocator_settings": settings})
+    assert main(["show", str(profile.json_path)]) == 0
+    out = capsys.readouterr().out
+    assert "allocator     MALLOC_MMAP_THRESHOLD_=1073741824, MALLOC_TRIM_THRESHOLD_=4294967296" in out
+    assert "STALE" in out and "(running glibc's defaults)" in out
+    for name, value in settings.items():  # run under the settings it was measured with: not stale
+        monkeypatch.setenv(name, value)
+    assert main(["show", str(profile.json_path)]) == 0
+    assert "STALE" not in capsys.readouterr().out
 
 
 def test_resume_without_a_checkpoint_is_a_usage_error(tmp_path):
