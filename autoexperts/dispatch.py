@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import operator
 import threading
 import traceback
@@ -329,12 +330,22 @@ def _traced_backend(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_in
     # graph.
     regions = _compiled_regions(trace_parts(self, hidden_states, operator.index(top_k_index.shape[-1])))
     num_tokens = hidden_states.shape[0]
+    if isinstance(num_tokens, torch.SymInt) and torch.compiler.is_exporting():
+        # An exported program is one graph for every token count its dynamic shapes allow: a guard on the count
+        # would break the user's range (torch.export raises). One backend runs them all: the one for the largest.
+        num_tokens = _largest_value(num_tokens)
     backend = regions[-1][1]
     for last, name in regions[:-1]:
         if num_tokens <= last:
             backend = name
             break
     return backend_forward(backend, type(self))
+
+
+def _largest_value(size: torch.SymInt) -> float:
+    """The largest value a symbolic size can take in this trace (its shape environment's bound; `inf` if none)."""
+    upper = size.node.shape_env.bound_sympy(size.node.expr).upper
+    return float(upper) if upper.is_finite else math.inf
 
 
 # Never traced: after a graph break elsewhere, Dynamo may meet this function as a frame of its own and would otherwise
