@@ -1,6 +1,8 @@
 """`auto` under autograd: gradients with respect to inputs and expert weights equal eager's, for each backend `auto`
 may choose (forced by synthetic profiles), on CPU in float32."""
 
+import logging
+
 import pytest
 import torch
 
@@ -52,4 +54,33 @@ def test_auto_gradients_equal_eager(model_type, backend, profile_dir, save):
     assert expected.keys() == actual.keys()
     for name, gradient in expected.items():
         assert gradient is not None and gradient.abs().sum() > 0, name  # the gradient reached this tensor
+        torch.testing.assert_close(actual[name], gradient, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "batched_mm",  # a profile that picks batched_mm at these 14 tokens
+        "grouped_mm",  # and one that picks grouped_mm (eager cannot run under fullgraph compilation)
+    ],
+)
+def test_compiled_training_gradients_equal_eager(backend, profile_dir, save, caplog):
+    caplog.set_level(logging.DEBUG, logger="autoexperts.dispatch")  # the table each trace uses is logged once
+    model = tiny_model("qwen3_moe").train()
+    for mode in ("none", "default"):
+        save(synthetic_profile(layer_spec(model), _curves_favouring(backend), compile_mode=mode))
+    expected = _gradients(model, "eager")
+    model.set_experts_implementation("auto")
+    torch._dynamo.reset()
+    try:
+        model.forward = torch.compile(model.forward, fullgraph=True)
+        actual = _gradients(model, "auto")
+    finally:
+        del model.forward  # back to the class's forward
+        torch._dynamo.reset()
+    traced = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compiled (default)")]
+    # The first region (up to millions of tokens) holds the 14 tokens of this call.
+    assert traced and all(message.split(",")[0].endswith(f"tokens -> {backend}") for message in traced), traced
+    for name, gradient in expected.items():
+        assert gradient is not None and gradient.abs().sum() > 0, name
         torch.testing.assert_close(actual[name], gradient, rtol=1e-4, atol=1e-5, msg=name)
