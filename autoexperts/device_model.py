@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -36,6 +37,8 @@ FORMAT_VERSION = 1
 FORMS = ("additive", "power", "boosted", "relative")
 # Token counts a table built from the device model decides one by one (latency grows with the tokens beyond).
 TABLE_MAX_TOKENS = 16384
+# Worker processes that fit the held-out folds at most (each imports torch: a few hundred MB while it lives).
+MAX_FIT_WORKERS = 8
 # The columns of every latency feature matrix.
 _X = LATENCY_FEATURES + SHAPE_FEATURES
 # The log features of the "power" and "boosted" forms (the constant and exact duplicates left out) ...
@@ -208,15 +211,34 @@ def _held_out(fits: dict, shape: ShapePoints) -> _HeldOut | None:
     return outcome
 
 
-def leave_one_shape_out(shapes: Sequence[ShapePoints], backends: Sequence[str], form: str) -> dict:
-    """Per held-out shape, the regret (chosen total / oracle total) of `form` fitted on the other shapes; and the
-    median absolute log error of its latency predictions and of its predicted latency ratios between backends."""
+def _fold(shapes: Sequence[ShapePoints], backends: Sequence[str], form: str, index: int) -> _HeldOut | None:
+    """`form` fitted on every shape but `shapes[index]`, and how it chooses on that one (`None`: it cannot)."""
+    fits = _fit_backends([s for j, s in enumerate(shapes) if j != index], backends, form)
+    return _held_out(fits, shapes[index]) if len(fits) >= 2 else None
+
+
+def _held_out_outcomes(
+    shapes: Sequence[ShapePoints], backends: Sequence[str], forms: Sequence[str], n_jobs: int
+) -> dict[str, list[_HeldOut | None]]:
+    """Each form's outcome on each held-out shape. With `n_jobs` other than 1 the folds are fitted in that many
+    worker processes (joblib): the boosted trees make them the slow part of a calibration's fit,
+    and the trees' own threads gain little on a thousand points. The outcomes are the same either way."""
+    tasks = [(form, index) for form in forms for index in range(len(shapes))]
+    if n_jobs == 1 or len(tasks) < 2:
+        outcomes = [_fold(shapes, backends, form, index) for form, index in tasks]
+    else:
+        from joblib import Parallel, delayed
+
+        outcomes = Parallel(n_jobs=n_jobs)(delayed(_fold)(shapes, backends, form, index) for form, index in tasks)
+    by_form: dict[str, list[_HeldOut | None]] = {form: [] for form in forms}
+    for (form, _), outcome in zip(tasks, outcomes, strict=True):
+        by_form[form].append(outcome)
+    return by_form
+
+
+def _loso_summary(form: str, outcomes: Sequence[_HeldOut | None]) -> dict:
     regrets, latency_errors, ratio_errors = [], [], []
-    for i, held_out in enumerate(shapes):
-        fits = _fit_backends([s for j, s in enumerate(shapes) if j != i], backends, form)
-        if len(fits) < 2:
-            continue
-        outcome = _held_out(fits, held_out)
+    for outcome in outcomes:
         if outcome is None:
             continue
         regrets.append(outcome.chosen / outcome.oracle)
@@ -235,6 +257,12 @@ def leave_one_shape_out(shapes: Sequence[ShapePoints], backends: Sequence[str], 
     }
 
 
+def leave_one_shape_out(shapes: Sequence[ShapePoints], backends: Sequence[str], form: str, n_jobs: int = 1) -> dict:
+    """Per held-out shape, the regret (chosen total / oracle total) of `form` fitted on the other shapes; and the
+    median absolute log error of its latency predictions and of its predicted latency ratios between backends."""
+    return _loso_summary(form, _held_out_outcomes(shapes, backends, [form], n_jobs)[form])
+
+
 class DeviceModel:
     """Latency and memory predictions per backend for any layer spec of one device, dtype and compile mode."""
 
@@ -244,10 +272,20 @@ class DeviceModel:
         self.fits = fits
 
     @classmethod
-    def fit(cls, shapes: Sequence[ShapePoints], backends: Sequence[str], forms: Sequence[str] = FORMS) -> DeviceModel:
+    def fit(
+        cls,
+        shapes: Sequence[ShapePoints],
+        backends: Sequence[str],
+        forms: Sequence[str] = FORMS,
+        n_jobs: int | None = None,
+    ) -> DeviceModel:
         """Fits every form, keeps the one with the lowest mean leave-one-shape-out regret (the lower latency error
-        breaks ties) and refits it on every shape."""
-        loso = [leave_one_shape_out(shapes, backends, form) for form in forms]
+        breaks ties) and refits it on every shape. `n_jobs`: worker processes for the held-out folds (default: one
+        per core, at most `MAX_FIT_WORKERS`; 1: none)."""
+        if n_jobs is None:
+            n_jobs = min(os.cpu_count() or 1, MAX_FIT_WORKERS)
+        outcomes = _held_out_outcomes(shapes, backends, forms, n_jobs)
+        loso = [_loso_summary(form, outcomes[form]) for form in forms]
         scored = [r for r in loso if r["shapes"]]
         if scored:
             best = min(scored, key=lambda r: (round(r["mean_regret"], 4), r["median_abs_log_error"]))["form"]

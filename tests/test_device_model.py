@@ -110,6 +110,15 @@ def test_the_fitted_model_recovers_the_crossovers_of_an_unseen_shape(synthetic_m
     assert {r.source for r in table.regions} == {"device_model"}
 
 
+def test_held_out_folds_in_worker_processes_give_what_one_process_gives():
+    # A calibration fits the folds in worker processes; the forms' results and the kept form must not depend on it.
+    shapes = _synthetic_shapes(_design_specs(5), jitter=0.1, seed=3)
+    one = DeviceModel.fit(shapes, BACKENDS, n_jobs=1)
+    workers = DeviceModel.fit(shapes, BACKENDS, n_jobs=2)
+    assert workers.loso == one.loso and workers.form == one.form
+    assert {r["shapes"] for r in one.loso} == {5}
+
+
 def test_relative_form_predicts_the_same_whatever_the_order_of_the_backends():
     # Every backend has as many points: the reference backend is a tie, which a refit from the JSON (backends in
     # another order) must break the same way.
