@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import sys
+from collections.abc import Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,11 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 # (mallopt takes a C int) stays with the process.
 PINNED_MMAP_THRESHOLD = 2**30
 PINNED_TRIM_THRESHOLD = 2**31 - 1
+
+# glibc's dynamic mmap threshold never rises above this on 64-bit systems; a trim threshold from this up never
+# gives the heap of an experts call back.
+_DYNAMIC_MMAP_CEILING = 32 * 2**20
+_PINNED_TRIM_FLOOR = 2**30
 
 _pinned: dict[str, str] = {}
 
@@ -36,6 +42,33 @@ def allocator_settings() -> dict[str, str]:
         if name.startswith("MALLOC_") or name == "GLIBC_TUNABLES"
     }
     return {**settings, **_pinned}
+
+
+def _threshold(settings: Mapping[str, str], variable: str, tunable: str, mallopt: str) -> int | None:
+    """One threshold as `settings` fix it (the pin over the tunable over the variable), `None` when left dynamic."""
+    value = settings.get(variable)
+    for part in settings.get("GLIBC_TUNABLES", "").split(":"):
+        name, _, setting = part.partition("=")
+        if name == f"glibc.malloc.{tunable}":
+            value = setting
+    value = settings.get(mallopt, value)
+    try:
+        return int(value, 0) if value is not None else None
+    except ValueError:  # glibc ignores what it cannot parse
+        return None
+
+
+def regime(settings: Mapping[str, str]) -> str:
+    """What recorded `settings` amount to, for telling whether crossovers measured under one set hold under
+    another: `"glibc's defaults"`, `"pinned"` (no block below 32 MiB mapped afresh, no heap under 1 GiB given back:
+    the environment variables of the README and `pin_cpu_allocator` alike), or the settings themselves."""
+    mmap = _threshold(settings, "MALLOC_MMAP_THRESHOLD_", "mmap_threshold", "mallopt_mmap_threshold")
+    trim = _threshold(settings, "MALLOC_TRIM_THRESHOLD_", "trim_threshold", "mallopt_trim_threshold")
+    if mmap is None and trim is None:
+        return "glibc's defaults"
+    if mmap is not None and trim is not None and mmap >= _DYNAMIC_MMAP_CEILING and trim >= _PINNED_TRIM_FLOOR:
+        return "pinned"
+    return ", ".join(f"{name}={value}" for name, value in sorted(settings.items()))
 
 
 def pin_cpu_allocator(mmap_threshold: int = PINNED_MMAP_THRESHOLD, trim_threshold: int = PINNED_TRIM_THRESHOLD) -> bool:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import transformers
 
-from .allocator import allocator_settings
+from .allocator import allocator_settings, regime
 from .device import gpu_driver_version
 
 # The versions compared for staleness, as recorded under the profile's "versions".
@@ -60,13 +60,7 @@ def stale_reasons(record: dict) -> list[str]:
         reasons.append(f"GPU driver {recorded_driver} (running {running_driver})")
     recorded_allocator = device.get("allocator_settings")
     if device.get("type") == "cpu" and isinstance(recorded_allocator, dict):
-        running_allocator = allocator_settings()
-        if recorded_allocator != running_allocator:
-            reasons.append(
-                f"allocator settings {_describe(recorded_allocator)} (running {_describe(running_allocator)})"
-            )
+        recorded, running = regime(recorded_allocator), regime(allocator_settings())
+        if recorded != running:
+            reasons.append(f"allocator settings {recorded} (running {running})")
     return reasons
-
-
-def _describe(settings: dict) -> str:
-    return ", ".join(f"{name}={value}" for name, value in settings.items()) if settings else "glibc's defaults"

@@ -79,3 +79,35 @@ def test_pinning_elsewhere_than_glibc_changes_nothing_and_says_so(monkeypatch, c
     monkeypatch.setattr(allocator, "_pinned", {})
     assert allocator.pin_cpu_allocator() is False
     assert "not glibc" in caplog.text and "mallopt_mmap_threshold" not in allocator.allocator_settings()
+
+
+ENV_PINNED = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}  # the README's
+MALLOPT_PINNED = {"mallopt_mmap_threshold": "1073741824", "mallopt_trim_threshold": "2147483647"}  # pin_cpu_allocator
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({}, "glibc's defaults"),
+        (ENV_PINNED, "pinned"),  # set before start-up
+        (MALLOPT_PINNED, "pinned"),  # set at run time: the same regime, though spelled otherwise
+        ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=0x40000000:glibc.malloc.trim_threshold=0x80000000"}, "pinned"),
+        ({"MALLOC_TRIM_THRESHOLD_": "4294967296"}, "MALLOC_TRIM_THRESHOLD_=4294967296"),  # one of two: its own
+        ({"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "4294967296"},  # a low mmap threshold
+         "MALLOC_MMAP_THRESHOLD_=131072, MALLOC_TRIM_THRESHOLD_=4294967296"),
+        ({"MALLOC_ARENA_MAX": "2"}, "glibc's defaults"),  # neither threshold: the same crossovers
+    ],
+)  # fmt: skip
+def test_regime_tells_settings_that_move_crossovers_apart(settings, expected):
+    assert allocator.regime(settings) == expected
+
+
+def test_a_profile_measured_pinned_one_way_is_not_stale_pinned_the_other(monkeypatch):
+    from autoexperts import freshness
+
+    monkeypatch.setattr(freshness, "allocator_settings", lambda: MALLOPT_PINNED)
+    assert freshness.stale_reasons({"device": {"type": "cpu", "allocator_settings": ENV_PINNED}}) == []
+    monkeypatch.setattr(freshness, "allocator_settings", dict)
+    assert freshness.stale_reasons({"device": {"type": "cpu", "allocator_settings": ENV_PINNED}}) == [
+        "allocator settings pinned (running glibc's defaults)"
+    ]
