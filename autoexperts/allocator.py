@@ -33,6 +33,11 @@ _PINNED_TRIM_FLOOR = 2**30
 _pinned: dict[str, str] = {}
 
 
+def is_glibc() -> bool:
+    """Whether this process's C library is glibc (whose thresholds this module reads and sets)."""
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
 def allocator_settings() -> dict[str, str]:
     """The glibc allocator settings of this process (`MALLOC_*` and `GLIBC_TUNABLES` from its environment, and the
     thresholds `pin_cpu_allocator` set): on CPU they move the crossovers, so a calibration records them."""
@@ -82,7 +87,7 @@ def pin_cpu_allocator(mmap_threshold: int = PINNED_MMAP_THRESHOLD, trim_threshol
     Returns:
         `bool`: whether both were set (`False`, with a warning in the log, where the C library is not glibc).
     """
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    if not is_glibc():
         logger.warning("pin_cpu_allocator: this process's C library is not glibc; nothing changed")
         return False
     libc = ctypes.CDLL(None)

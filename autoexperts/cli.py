@@ -318,7 +318,21 @@ def _calibrate(args: argparse.Namespace) -> int:
     replacement = describe_replacement(profile)
     if replacement is not None:
         print(replacement)
+    _allocator_note(profile.spec.device_type)
     return 0
+
+
+def _allocator_note(device_type: str) -> None:
+    """On CPU under glibc's default thresholds, says once that the crossovers just measured depend on the process's
+    history, and how to pin them (README: the CPU's allocator)."""
+    from .allocator import allocator_settings, is_glibc, regime
+
+    if device_type == "cpu" and is_glibc() and regime(allocator_settings()) == "glibc's defaults":
+        print(
+            "note: measured under glibc's default allocator thresholds, with which large CPU calls cost more or less "
+            "by what the process ran before; for crossovers that hold, calibrate with --pin-allocator and call "
+            "autoexperts.pin_cpu_allocator() in the process that runs the model"
+        )
 
 
 def _calibrate_device_model(args: argparse.Namespace, device, out: Path) -> int:
@@ -344,6 +358,7 @@ def _calibrate_device_model(args: argparse.Namespace, device, out: Path) -> int:
     print(describe_device_profile(profile, budget, label))
     seconds = profile.metadata["sweep"]["wall_seconds"]
     print(f"\ncalibrated in {seconds:.1f} s; device model written to {profile.json_path}")
+    _allocator_note(profile.device_type)
     return 0
 
 

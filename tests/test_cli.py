@@ -443,13 +443,31 @@ def test_pin_allocator_pins_before_measuring_and_the_profile_records_it(tmp_path
     def pin():
         calls.append(True)
         monkeypatch.setitem(allocator._pinned, "mallopt_mmap_threshold", "1073741824")
+        monkeypatch.setitem(allocator._pinned, "mallopt_trim_threshold", "2147483647")
         return True
 
     monkeypatch.setattr(allocator, "pin_cpu_allocator", pin)
-    status, _, err = _main(
+    status, out, err = _main(
         ["calibrate", "--device", "cpu", "--out", str(tmp_path), "--pin-allocator", *FAST_SWEEP], capsys
     )
     assert status == 0, err
     (json_path,) = [p for p in tmp_path.rglob("*.json")]
     recorded = json.loads(json_path.read_text())["device"]["allocator_settings"]
     assert calls == [True] and recorded.get("mallopt_mmap_threshold") == "1073741824"
+    assert "note:" not in out  # pinned: nothing to say about the allocator
+
+
+def _glibc() -> bool:
+    from autoexperts.allocator import is_glibc
+
+    return is_glibc()
+
+
+@pytest.mark.skipif(not _glibc(), reason="the note is about glibc's thresholds")
+def test_a_cpu_calibration_under_glibcs_default_thresholds_says_how_to_pin_them(tmp_path, capsys, monkeypatch):
+    for name in [n for n in os.environ if n.startswith("MALLOC_") or n == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(name)
+    status, out, err = _main(["calibrate", "--device", "cpu", "--out", str(tmp_path), *FAST_SWEEP], capsys)
+    assert status == 0, err
+    notes = [line for line in out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "--pin-allocator" in notes[0] and "pin_cpu_allocator()" in notes[0]
