@@ -314,11 +314,11 @@ def _calibrate(args: argparse.Namespace) -> int:
     if profile.measured_elsewhere:
         print(f"\nmeasured meanwhile by another process (another rank of this launch); profile at {profile.json_path}")
         return 0
+    _allocator_note(profile.spec.device_type)
     print(f"\ncalibrated in {profile.metadata['sweep']['wall_seconds']:.1f} s; profile written to {profile.json_path}")
     replacement = describe_replacement(profile)
     if replacement is not None:
         print(replacement)
-    _allocator_note(profile.spec.device_type)
     return 0
 
 
@@ -357,8 +357,8 @@ def _calibrate_device_model(args: argparse.Namespace, device, out: Path) -> int:
     budget, label = _budget(None, profile.device_type)
     print(describe_device_profile(profile, budget, label))
     seconds = profile.metadata["sweep"]["wall_seconds"]
-    print(f"\ncalibrated in {seconds:.1f} s; device model written to {profile.json_path}")
     _allocator_note(profile.device_type)
+    print(f"\ncalibrated in {seconds:.1f} s; device model written to {profile.json_path}")
     return 0
 
 
