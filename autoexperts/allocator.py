@@ -10,6 +10,7 @@ and no model of the shape can predict them. With both thresholds fixed high they
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import platform
@@ -25,14 +26,17 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 PINNED_MMAP_THRESHOLD = 2**30
 PINNED_TRIM_THRESHOLD = 2**31 - 1
 
-# glibc's dynamic mmap threshold never rises above this on 64-bit systems; a trim threshold from this up never
-# gives the heap of an experts call back.
+# Settings count as pinned from these up: glibc's dynamic mmap threshold never rises above 32 MiB on 64-bit systems,
+# and a trim threshold of 1 GiB never gives an experts call's heap back.
 _DYNAMIC_MMAP_CEILING = 32 * 2**20
 _PINNED_TRIM_FLOOR = 2**30
+# mallopt takes a C int.
+_MALLOPT_MAX = 2**31 - 1
 
 _pinned: dict[str, str] = {}
 
 
+@functools.cache
 def is_glibc() -> bool:
     """Whether this process's C library is glibc (whose thresholds this module reads and sets)."""
     return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
@@ -86,7 +90,13 @@ def pin_cpu_allocator(mmap_threshold: int = PINNED_MMAP_THRESHOLD, trim_threshol
 
     Returns:
         `bool`: whether both were set (`False`, with a warning in the log, where the C library is not glibc).
+
+    Raises:
+        `ValueError`: for a threshold that is negative or above what `mallopt` takes (2 GiB - 1).
     """
+    for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
+        if not 0 <= int(value) <= _MALLOPT_MAX:
+            raise ValueError(f"pin_cpu_allocator: {name}={value} is outside 0..{_MALLOPT_MAX} (mallopt takes a C int)")
     if not is_glibc():
         logger.warning("pin_cpu_allocator: this process's C library is not glibc; nothing changed")
         return False

@@ -1,7 +1,6 @@
 """glibc's allocator settings: what a calibration records, and `pin_cpu_allocator` (its CLI option: test_cli)."""
 
 import json
-import platform
 import subprocess
 import sys
 import textwrap
@@ -10,7 +9,7 @@ import pytest
 
 from autoexperts import allocator
 
-GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+GLIBC = allocator.is_glibc()
 
 
 @pytest.mark.parametrize(
@@ -75,7 +74,7 @@ def test_pinning_stops_fresh_pages_for_a_block_allocated_again():
 
 
 def test_pinning_elsewhere_than_glibc_changes_nothing_and_says_so(monkeypatch, caplog):
-    monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
+    monkeypatch.setattr(allocator, "is_glibc", lambda: False)
     monkeypatch.setattr(allocator, "_pinned", {})
     assert allocator.pin_cpu_allocator() is False
     assert "not glibc" in caplog.text and "mallopt_mmap_threshold" not in allocator.allocator_settings()
@@ -111,3 +110,11 @@ def test_a_profile_measured_pinned_one_way_is_not_stale_pinned_the_other(monkeyp
     assert freshness.stale_reasons({"device": {"type": "cpu", "allocator_settings": ENV_PINNED}}) == [
         "allocator settings pinned (running glibc's defaults)"
     ]
+
+
+@pytest.mark.parametrize("thresholds", [{"trim_threshold": 4 * 2**30}, {"mmap_threshold": -1}])  # too large; negative
+def test_pinning_with_a_threshold_mallopt_cannot_take_is_a_clear_error(thresholds, monkeypatch):
+    monkeypatch.setattr(allocator, "_pinned", {})
+    with pytest.raises(ValueError, match="mallopt takes a C int"):
+        allocator.pin_cpu_allocator(**thresholds)
+    assert allocator._pinned == {}  # nothing changed
