@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+import transformers
 
 import autoexperts
 from tests.conftest import experts_modules, layer_spec, synthetic_profile, tiny_model
@@ -58,6 +59,17 @@ def test_auto_gradients_equal_eager(model_type, backend, profile_dir, save):
         torch.testing.assert_close(actual[name], gradient, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def _compiled_gradients(model, implementation: str) -> dict[str, torch.Tensor]:
+    """`_gradients` with the model's forward compiled (inductor, fullgraph)."""
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, fullgraph=True)
+    try:
+        return _gradients(model, implementation)
+    finally:
+        del model.forward  # back to the class's forward
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize(
     "backend",
     [
@@ -71,14 +83,13 @@ def test_compiled_training_gradients_equal_eager(backend, profile_dir, save, cap
     for mode in ("none", "default"):
         save(synthetic_profile(layer_spec(model), _curves_favouring(backend), compile_mode=mode))
     expected = _gradients(model, "eager")
-    model.set_experts_implementation("auto")
-    torch._dynamo.reset()
     try:
-        model.forward = torch.compile(model.forward, fullgraph=True)
-        actual = _gradients(model, "auto")
-    finally:
-        del model.forward  # back to the class's forward
-        torch._dynamo.reset()
+        _compiled_gradients(model, backend)
+    except torch._dynamo.exc.BackendCompilerFailed as error:  # Transformers' own backend, not auto's doing
+        inner = getattr(error, "inner_exception", error)
+        pytest.skip(f"transformers {transformers.__version__}'s {backend} fails compiled training here: {inner!r:.200}")
+    caplog.clear()
+    actual = _compiled_gradients(model, "auto")
     traced = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compiled (default)")]
     # The first region (up to millions of tokens) holds the 14 tokens of this call.
     first_regions = [re.search(r"\): up to \S+ tokens -> (\w+)", message).group(1) for message in traced]
