@@ -33,23 +33,38 @@ _PINNED_TRIM_FLOOR = 2**30
 # mallopt takes a C int.
 _MALLOPT_MAX = 2**31 - 1
 
+# Allocators a process can be started with in glibc's place (`LD_PRELOAD`), and the prefixes of their settings.
+_PRELOADED_ALLOCATORS = {"jemalloc": "MALLOC_CONF", "tcmalloc": "TCMALLOC_", "mimalloc": "MIMALLOC_"}
+
 _pinned: dict[str, str] = {}
 
 
 @functools.cache
 def is_glibc() -> bool:
-    """Whether this process's C library is glibc (whose thresholds this module reads and sets)."""
+    """Whether this process's C library is glibc."""
     return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 
+def preloaded_allocator(settings: Mapping[str, str]) -> str | None:
+    """The allocator `settings`' `LD_PRELOAD` puts in glibc's place (`"jemalloc"`, ...), if any."""
+    preload = settings.get("LD_PRELOAD", "")
+    return next((name for name in _PRELOADED_ALLOCATORS if name in preload), None)
+
+
+def uses_glibc_malloc() -> bool:
+    """Whether this process's `malloc` is glibc's (whose thresholds this module reads and sets)."""
+    return is_glibc() and preloaded_allocator(os.environ) is None
+
+
 def allocator_settings() -> dict[str, str]:
-    """The glibc allocator settings of this process (`MALLOC_*` and `GLIBC_TUNABLES` from its environment, and the
-    thresholds `pin_cpu_allocator` set): on CPU they move the crossovers, so a calibration records them."""
-    settings = {
-        name: value
-        for name, value in sorted(os.environ.items())
-        if name.startswith("MALLOC_") or name == "GLIBC_TUNABLES"
-    }
+    """The allocator settings of this process: glibc's (`MALLOC_*` and `GLIBC_TUNABLES` from its environment, and the
+    thresholds `pin_cpu_allocator` set), or an allocator preloaded in its place (`LD_PRELOAD`) with its own
+    variables. On CPU they move the crossovers, so a calibration records them."""
+    preloaded = preloaded_allocator(os.environ)
+    prefixes = ("MALLOC_", "GLIBC_TUNABLES") + ((_PRELOADED_ALLOCATORS[preloaded],) if preloaded else ())
+    settings = {name: value for name, value in sorted(os.environ.items()) if name.startswith(prefixes)}
+    if preloaded:
+        settings["LD_PRELOAD"] = os.environ["LD_PRELOAD"]
     return {**settings, **_pinned}
 
 
@@ -70,7 +85,16 @@ def _threshold(settings: Mapping[str, str], variable: str, tunable: str, mallopt
 def regime(settings: Mapping[str, str]) -> str:
     """What recorded `settings` amount to, for telling whether crossovers measured under one set hold under
     another: `"glibc's defaults"`, `"pinned"` (no block below 32 MiB mapped afresh, no heap under 1 GiB given back:
-    the environment variables of the README and `pin_cpu_allocator` alike), or the settings themselves."""
+    the environment variables of the README and `pin_cpu_allocator` alike), a preloaded allocator with its own
+    settings (`"jemalloc (MALLOC_CONF=...)"`), or the settings themselves."""
+    preloaded = preloaded_allocator(settings)
+    if preloaded is not None:
+        own = [
+            f"{name}={value}"
+            for name, value in sorted(settings.items())
+            if name.startswith(_PRELOADED_ALLOCATORS[preloaded])
+        ]
+        return preloaded + (f" ({', '.join(own)})" if own else "")
     mmap = _threshold(settings, "MALLOC_MMAP_THRESHOLD_", "mmap_threshold", "mallopt_mmap_threshold")
     trim = _threshold(settings, "MALLOC_TRIM_THRESHOLD_", "trim_threshold", "mallopt_trim_threshold")
     if mmap is None and trim is None:
@@ -89,7 +113,7 @@ def pin_cpu_allocator(mmap_threshold: int = PINNED_MMAP_THRESHOLD, trim_threshol
     Calibrate under the same settings (`autoexperts calibrate --pin-allocator`, or the environment variables).
 
     Returns:
-        `bool`: whether both were set (`False`, with a warning in the log, where the C library is not glibc).
+        `bool`: whether both were set (`False`, with a warning in the log, where `malloc` is not glibc's).
 
     Raises:
         `ValueError`: for a threshold that is negative or above what `mallopt` takes (2 GiB - 1).
@@ -97,8 +121,11 @@ def pin_cpu_allocator(mmap_threshold: int = PINNED_MMAP_THRESHOLD, trim_threshol
     for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
         if not 0 <= int(value) <= _MALLOPT_MAX:
             raise ValueError(f"pin_cpu_allocator: {name}={value} is outside 0..{_MALLOPT_MAX} (mallopt takes a C int)")
-    if not is_glibc():
-        logger.warning("pin_cpu_allocator: this process's C library is not glibc; nothing changed")
+    if not uses_glibc_malloc():
+        logger.warning(
+            "pin_cpu_allocator: this process's malloc is not glibc's (another C library, or LD_PRELOAD); "
+            "nothing changed"
+        )
         return False
     libc = ctypes.CDLL(None)
     done = libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1

@@ -325,9 +325,9 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _allocator_note(device_type: str) -> None:
     """On CPU under glibc's default thresholds, says once that the crossovers just measured depend on the process's
     history, and how to pin them (README: the CPU's allocator)."""
-    from .allocator import allocator_settings, is_glibc, regime
+    from .allocator import allocator_settings, regime, uses_glibc_malloc
 
-    if device_type == "cpu" and is_glibc() and regime(allocator_settings()) == "glibc's defaults":
+    if device_type == "cpu" and uses_glibc_malloc() and regime(allocator_settings()) == "glibc's defaults":
         print(
             "note: measured under glibc's default allocator thresholds, with which large CPU calls cost more or less "
             "by what the process ran before; for crossovers that hold, calibrate with --pin-allocator and call "
@@ -523,7 +523,10 @@ def _pin_allocator() -> None:
     from .allocator import pin_cpu_allocator
 
     if not pin_cpu_allocator():
-        raise UsageError("--pin-allocator: glibc's thresholds could not be set here (glibc only); drop the option")
+        raise UsageError(
+            "--pin-allocator: glibc's thresholds could not be set here (glibc's malloc only, not under LD_PRELOAD); "
+            "drop the option"
+        )
 
 
 def _print_error(message: str) -> None:

@@ -3,18 +3,19 @@
 For one experts layer, every token count is timed in four patterns of two calls repeated (grouped_mm after
 grouped_mm, eager after grouped_mm, ...), with the page faults each call takes (`ru_minflt`, as MiB of 4 KiB pages):
 a call whose tensors land on pages glibc gave back to the kernel after an earlier call faults them in again. The counts
-run once ascending and once descending in one process, so each count also follows another history. Run it with and
-without fixed thresholds (set before Python starts) and compare:
+run once ascending and once descending in one process, so each count also follows another history. Run it under
+each allocator setting (set before Python starts) and compare:
 
-    python calibrate/cpu_allocator_history.py bfloat16
-    export MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296
-    python calibrate/cpu_allocator_history.py bfloat16
+    script=calibrate/cpu_allocator_history.py
+    python $script bfloat16                                                              # glibc's defaults
+    MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296 python $script bfloat16     # pinned
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 python $script bfloat16        # jemalloc's defaults
+    LD_PRELOAD=... MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 python $script bfloat16   # jemalloc keeping pages
 
 Two warm-up rounds per pattern, then seven; medians.
 """
 
 import functools
-import os
 import resource
 import statistics
 import sys
@@ -22,6 +23,7 @@ import time
 
 import torch
 
+from autoexperts.allocator import allocator_settings, regime
 from autoexperts.calibration.design import TRANSPOSED_BIAS, DesignShape, build_design_layer
 from autoexperts.calibration.experts_layer import routed_inputs
 from autoexperts.layer import backend_forward
@@ -46,8 +48,8 @@ def faults() -> int:
 def main(dtype_name: str = "bfloat16", rounds: int = 7) -> None:
     dtype, cpu = getattr(torch, dtype_name), torch.device("cpu")
     layer = build_design_layer(SHAPE, cpu, dtype)
-    settings = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")) or "default"
-    print(f"allocator settings: {settings}; {dtype_name}; E={SHAPE.num_experts} H={SHAPE.hidden_dim} "
+    settings = regime(allocator_settings())
+    print(f"allocator: {settings}; {dtype_name}; E={SHAPE.num_experts} H={SHAPE.hidden_dim} "
           f"I={SHAPE.intermediate_dim} k={SHAPE.top_k}, transposed with bias", flush=True)  # fmt: skip
     for label, order in (("ascending", TOKENS), ("descending", TOKENS[::-1])):
         for num_tokens in order:

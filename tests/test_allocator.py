@@ -9,7 +9,7 @@ import pytest
 
 from autoexperts import allocator
 
-GLIBC = allocator.is_glibc()
+GLIBC = allocator.uses_glibc_malloc()
 
 
 @pytest.mark.parametrize(
@@ -18,10 +18,20 @@ GLIBC = allocator.is_glibc()
         ({}, {}),  # glibc's defaults: nothing to record
         ({"MALLOC_MMAP_THRESHOLD_": "1073741824", "HOME": "/x"}, {"MALLOC_MMAP_THRESHOLD_": "1073741824"}),  # variable
         ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}, {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}),
+        # jemalloc in glibc's place, with its own settings
+        ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2", "MALLOC_CONF": "dirty_decay_ms:-1"},
+         {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2", "MALLOC_CONF": "dirty_decay_ms:-1"}),
+        ({"LD_PRELOAD": "/usr/lib/libtcmalloc.so.4", "TCMALLOC_RELEASE_RATE": "0"},  # tcmalloc and its variables
+         {"LD_PRELOAD": "/usr/lib/libtcmalloc.so.4", "TCMALLOC_RELEASE_RATE": "0"}),
+        ({"LD_PRELOAD": "/usr/lib/libasan.so"}, {}),  # a preload that is no allocator: not recorded
     ],
-)
+)  # fmt: skip
 def test_allocator_settings_record_the_environment(environ, recorded, monkeypatch):
-    for name in [n for n in allocator.os.environ if n.startswith("MALLOC_") or n == "GLIBC_TUNABLES"]:
+    for name in [
+        n
+        for n in allocator.os.environ
+        if n.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD", "TCMALLOC_", "MIMALLOC_"))
+    ]:
         monkeypatch.delenv(name)
     for name, value in environ.items():
         monkeypatch.setenv(name, value)
@@ -74,10 +84,10 @@ def test_pinning_stops_fresh_pages_for_a_block_allocated_again():
 
 
 def test_pinning_elsewhere_than_glibc_changes_nothing_and_says_so(monkeypatch, caplog):
-    monkeypatch.setattr(allocator, "is_glibc", lambda: False)
+    monkeypatch.setattr(allocator, "uses_glibc_malloc", lambda: False)
     monkeypatch.setattr(allocator, "_pinned", {})
     assert allocator.pin_cpu_allocator() is False
-    assert "not glibc" in caplog.text and "mallopt_mmap_threshold" not in allocator.allocator_settings()
+    assert "not glibc's" in caplog.text and "mallopt_mmap_threshold" not in allocator.allocator_settings()
 
 
 ENV_PINNED = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}  # the README's
@@ -95,6 +105,9 @@ MALLOPT_PINNED = {"mallopt_mmap_threshold": "1073741824", "mallopt_trim_threshol
         ({"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "4294967296"},  # a low mmap threshold
          "MALLOC_MMAP_THRESHOLD_=131072, MALLOC_TRIM_THRESHOLD_=4294967296"),
         ({"MALLOC_ARENA_MAX": "2"}, "glibc's defaults"),  # neither threshold: the same crossovers
+        ({"LD_PRELOAD": "/x/libjemalloc.so.2", "MALLOC_CONF": "dirty_decay_ms:-1"},  # jemalloc: its own settings
+         "jemalloc (MALLOC_CONF=dirty_decay_ms:-1)"),
+        ({"LD_PRELOAD": "/x/libjemalloc.so.2"}, "jemalloc"),  # jemalloc's defaults, unlike glibc's
     ],
 )  # fmt: skip
 def test_regime_tells_settings_that_move_crossovers_apart(settings, expected):
@@ -118,3 +131,11 @@ def test_pinning_with_a_threshold_mallopt_cannot_take_is_a_clear_error(threshold
     with pytest.raises(ValueError, match="mallopt takes a C int"):
         allocator.pin_cpu_allocator(**thresholds)
     assert allocator._pinned == {}  # nothing changed
+
+
+def test_pinning_under_a_preloaded_allocator_changes_nothing(monkeypatch, caplog):
+    # glibc's mallopt would succeed, but tensors come from jemalloc's malloc: pinning would pretend.
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    monkeypatch.setattr(allocator, "_pinned", {})
+    assert allocator.pin_cpu_allocator() is False
+    assert "LD_PRELOAD" in caplog.text and allocator._pinned == {}

@@ -458,9 +458,9 @@ def test_pin_allocator_pins_before_measuring_and_the_profile_records_it(tmp_path
 
 
 def _glibc() -> bool:
-    from autoexperts.allocator import is_glibc
+    from autoexperts.allocator import uses_glibc_malloc
 
-    return is_glibc()
+    return uses_glibc_malloc()
 
 
 @pytest.mark.skipif(not _glibc(), reason="the note is about glibc's thresholds")
