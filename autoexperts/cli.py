@@ -520,13 +520,15 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _pin_allocator() -> None:
-    from .allocator import pin_cpu_allocator
+    from . import allocator
 
-    if not pin_cpu_allocator():
+    if not allocator.uses_glibc_malloc():  # said here, in one line, rather than by pin_cpu_allocator's warning too
         raise UsageError(
-            "--pin-allocator: glibc's thresholds could not be set here (glibc's malloc only, not under LD_PRELOAD); "
-            "drop the option"
+            "--pin-allocator: this process's malloc is not glibc's (another C library, or an allocator in "
+            "LD_PRELOAD): drop the option"
         )
+    if not allocator.pin_cpu_allocator():
+        raise UsageError("--pin-allocator: glibc refused the thresholds; drop the option")
 
 
 def _print_error(message: str) -> None:

@@ -427,10 +427,21 @@ def test_pin_allocator_that_cannot_pin_exits_2_with_one_line_and_writes_nothing(
     from autoexperts import allocator
 
     monkeypatch.setattr(allocator, "pin_cpu_allocator", lambda: False)
+    monkeypatch.setattr(allocator, "uses_glibc_malloc", lambda: True)
     status, _, err = _main(
         ["calibrate", "--device", "cpu", "--out", str(tmp_path), "--pin-allocator", *FAST_SWEEP], capsys
     )
     assert status == 2 and "--pin-allocator" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pin_allocator_under_another_malloc_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
+    # e.g. jemalloc in LD_PRELOAD: glibc's thresholds would serve no tensor
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    args = ["calibrate", "--device", "cpu", "--out", str(tmp_path), "--pin-allocator", *FAST_SWEEP]
+    status, _, err = _main(args, capsys)
+    assert status == 2 and "not glibc's" in err, err
     assert len(err.strip().splitlines()) == 1, err
     assert list(tmp_path.iterdir()) == []
 
@@ -447,6 +458,7 @@ def test_pin_allocator_pins_before_measuring_and_the_profile_records_it(tmp_path
         return True
 
     monkeypatch.setattr(allocator, "pin_cpu_allocator", pin)
+    monkeypatch.setattr(allocator, "uses_glibc_malloc", lambda: True)
     status, out, err = _main(
         ["calibrate", "--device", "cpu", "--out", str(tmp_path), "--pin-allocator", *FAST_SWEEP], capsys
     )
