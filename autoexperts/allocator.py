@@ -68,6 +68,11 @@ def allocator_settings() -> dict[str, str]:
     return {**settings, **_pinned}
 
 
+def settings_text(settings: Mapping[str, str]) -> str:
+    """`NAME=value, ...` of recorded settings, in their order."""
+    return ", ".join(f"{name}={value}" for name, value in settings.items())
+
+
 def _threshold(settings: Mapping[str, str], variable: str, tunable: str, mallopt: str) -> int | None:
     """One threshold as `settings` fix it (the pin over the tunable over the variable), `None` when left dynamic."""
     value = settings.get(variable)
@@ -101,7 +106,7 @@ def regime(settings: Mapping[str, str]) -> str:
         return "glibc's defaults"
     if mmap is not None and trim is not None and mmap >= _DYNAMIC_MMAP_CEILING and trim >= _PINNED_TRIM_FLOOR:
         return "pinned"
-    return ", ".join(f"{name}={value}" for name, value in sorted(settings.items()))
+    return settings_text(dict(sorted(settings.items())))
 
 
 def pin_cpu_allocator(mmap_threshold: int = PINNED_MMAP_THRESHOLD, trim_threshold: int = PINNED_TRIM_THRESHOLD) -> bool:

@@ -54,6 +54,10 @@ class DeviceProfile:
     def stem(self) -> str:
         return device_model_stem(self.dtype, self.compile_mode)
 
+    def stale_reasons(self) -> list[str]:
+        """How what it was measured with differs from what runs now (`freshness.stale_reasons`; empty if nothing)."""
+        return stale_reasons({"versions": self.metadata.get("versions"), "device": self.metadata.get("device", {})})
+
     def to_json(self) -> dict:
         return {
             "kind": DEVICE_MODEL_KIND,
@@ -69,6 +73,12 @@ class DeviceProfile:
                 for s in self.shapes
             ],
         }
+
+
+def device_model_command(device_type: str, dtype: str, compile_mode: str) -> str:
+    """The command that calibrates the device model of `device_type`, `dtype` and calibration mode `compile_mode`."""
+    command = f"autoexperts calibrate --device-model --device {device_type} --dtype {dtype}"
+    return command + (f" --compile {compile_mode}" if compile_mode != "none" else "")
 
 
 def device_model_stem(dtype: str, compile_mode: str) -> str:
@@ -182,10 +192,9 @@ def find_device_profile(
             continue
         if profile.device_name != device_name:
             continue
-        stale = stale_reasons({"versions": profile.metadata.get("versions"), "device": profile.metadata["device"]})
+        stale = profile.stale_reasons()
         if stale:
-            command = f"autoexperts calibrate --device-model --device {profile.device_type} --dtype {dtype}"
-            command += f" --compile {compile_mode}" if compile_mode != "none" else ""
+            command = device_model_command(profile.device_type, dtype, compile_mode)
             skipping = stale_policy == "fallback"
             warn_once(
                 StaleProfileWarning,

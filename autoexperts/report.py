@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from .allocator import settings_text
 from .layer import registered_backends
 from .profile import Profile
 from .table import DecisionTable, build_profile_table
@@ -115,7 +116,7 @@ def describe_profile(profile: Profile, budget_bytes: float, budget_label: str) -
     lines.append(f"routing   {_routing(sweep.get('routing'))}")
     allocator = meta.get("device", {}).get("allocator_settings")
     if allocator:
-        lines.append("allocator " + ", ".join(f"{name}={value}" for name, value in allocator.items()))
+        lines.append("allocator " + settings_text(allocator))
     if sweep.get("tokens_chosen_by", "default grid") != "default grid":
         lines.append(f"tokens    {len(sweep['tokens'])} counts around the crossovers of {sweep['tokens_chosen_by']}")
     if profile.stale:
@@ -148,7 +149,6 @@ def describe_device_profile(profile, budget_bytes: float, budget_label: str) -> 
     Args:
         profile (`DeviceProfile`): the device model (see `autoexperts.device_profile`).
     """
-    from .freshness import stale_reasons
     from .selection import device_model_table
 
     meta = profile.metadata
@@ -166,8 +166,8 @@ def describe_device_profile(profile, budget_bytes: float, budget_label: str) -> 
     ]
     allocator = meta.get("device", {}).get("allocator_settings")
     if allocator:
-        lines.append("allocator     " + ", ".join(f"{name}={value}" for name, value in allocator.items()))
-    stale = stale_reasons({"versions": versions, "device": meta.get("device", {})})
+        lines.append("allocator     " + settings_text(allocator))
+    stale = profile.stale_reasons()
     if stale:
         lines.append(f"STALE         measured with {', '.join(stale)}: recalibrate to refresh it")
     lines += [

@@ -191,8 +191,8 @@ def _device_model_selection(
     spec = key.spec
     if spec.expert_shards > 1:  # the design sweep has no sentinel routes: its work features cannot see their cost
         return None
+    stale_policy = settings.stale_profiles_policy()
     for profile_mode in profile_modes(key.compile_mode):
-        stale_policy = settings.stale_profiles_policy()
         cache_key = (name, spec.dtype, profile_mode, tuple(profiles.search_dirs()), stale_policy)
         if cache_key not in _device_models:
             _device_models[cache_key] = find_device_profile(
@@ -224,10 +224,10 @@ def device_model_table(spec: LayerSpec, cost_model, candidates: list[str], budge
 
 def device_model_command(key: LayerKey) -> str:
     """The command that calibrates the device model for `key`'s device, dtype and compile mode."""
-    command = f"autoexperts calibrate --device-model --device {key.device.type} --dtype {key.spec.dtype}"
-    if key.compile_mode != NONE:
-        command += f" --compile {key.compile_mode if key.compile_mode in CALIBRATION_MODES else DEFAULT}"
-    return command
+    from .device_profile import device_model_command as command
+
+    mode = key.compile_mode if key.compile_mode in CALIBRATION_MODES else DEFAULT  # CALIBRATION_MODES holds NONE
+    return command(key.device.type, key.spec.dtype, mode)
 
 
 def runnable_backends(candidates: list[str], compile_mode: str, device_type: str) -> list[str]:
