@@ -17,6 +17,7 @@ from . import _registration
 from . import settings as _settings
 from .errors import (
     BackendFailedWarning,
+    ProfileMissingWarning,
     ProfileRefitWarning,
     ProfileSkippedWarning,
     ProfileWarning,
@@ -58,7 +59,6 @@ _LAZY_MODULES = {
     "decisions": ("Decision", "HookHandle", "add_dispatch_hook", "record_decisions"),
     "dispatch": ("auto_experts_forward", "register", "reset", "set_memory_budget"),
     "layer": ("DEFAULT_BACKENDS", "LayerSpec"),
-    "selection": ("ProfileMissingWarning",),
     "table": ("Prediction",),
 }
 _MODULE_OF = {name: module for module, names in _LAZY_MODULES.items() for name in names}
@@ -69,7 +69,6 @@ if TYPE_CHECKING:  # what static tools should see
     from .decisions import Decision, HookHandle, add_dispatch_hook, record_decisions
     from .dispatch import auto_experts_forward, register, reset, set_memory_budget
     from .layer import DEFAULT_BACKENDS, LayerSpec
-    from .selection import ProfileMissingWarning
     from .table import Prediction
 
 

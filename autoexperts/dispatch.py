@@ -43,7 +43,7 @@ from . import compile_mode as modes
 from . import selection, settings
 from .decisions import Decision, active_hooks
 from .device import free_memory_bytes
-from .errors import BackendFailedWarning
+from .errors import BackendFailedWarning, user_stacklevel
 from .layer import AUTO, DEFAULT_BACKENDS, backend_forward
 from .selection import LayerKey, Selection, trace_parts
 from .table import DecisionTable
@@ -276,7 +276,7 @@ def _run_in_place_of(
                 f"{decision.num_tokens} tokens ({_describe_error(failure)}); {name} ran in its place, and "
                 f"{decision.backend} is no longer chosen for this layer shape"
             )
-            warnings.warn(message, BackendFailedWarning, stacklevel=3)
+            warnings.warn(message, BackendFailedWarning, stacklevel=user_stacklevel())
             logger.warning("%s", message)
         replacement = dataclasses.replace(decision, backend=name, source="runtime_fallback")
         if state is not None:  # what a checkpoint's recomputation of this call replays

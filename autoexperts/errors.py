@@ -1,5 +1,9 @@
 """Error and warning types: bad input (the CLI prints its message on one line and exits with status 2), an
-interrupted calibration, and the warnings about profiles that `auto` could not use as they are."""
+interrupted calibration, and the warnings about profiles that `auto` could not use as they are; and where such a
+warning should point (`user_stacklevel`)."""
+
+import os
+import sys
 
 
 class UsageError(ValueError):
@@ -17,6 +21,10 @@ class CalibrationInterrupted(KeyboardInterrupt):
 
 class ProfileWarning(UserWarning):
     """Base class of the warnings about profiles; each names the file (or the layer) and the reason."""
+
+
+class ProfileMissingWarning(ProfileWarning):
+    """No calibrated profile matches a layer; `auto` uses the fallback rule until one is calibrated."""
 
 
 class ProfileSkippedWarning(ProfileWarning):
@@ -42,3 +50,31 @@ class BackendFailedWarning(RuntimeWarning):
 class SettingWarning(UserWarning):
     """An `AUTOEXPERTS_*` environment variable has a value that cannot be used; the warning names the variable, the
     value and the default that applies instead."""
+
+
+# Frames in these packages are not the user's: a warning raised under a model's forward points past them.
+_LIBRARY_PACKAGES = ("autoexperts", "transformers", "torch", "accelerate")
+
+
+def _library_folders() -> tuple[str, ...]:
+    folders = []
+    for name in _LIBRARY_PACKAGES:
+        module = sys.modules.get(name)
+        file = getattr(module, "__file__", None)
+        if file:
+            folders.append(os.path.dirname(file) + os.sep)
+    return tuple(folders)
+
+
+def user_stacklevel() -> int:
+    """The `stacklevel` for a `warnings.warn` called by the caller of this function that points at the first frame
+    outside autoexperts, Transformers, torch and accelerate: the user's line that ran the model (`model(...)`,
+    `model.generate(...)`, a training step), wherever in the library the warning was raised. 1 (the warning's own
+    line) when every frame is the library's."""
+    folders = _library_folders()
+    frame = sys._getframe(1)  # the function that calls warnings.warn: stacklevel 1
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(folders):
+        frame = frame.f_back
+        level += 1
+    return level if frame is not None else 1

@@ -35,7 +35,7 @@ import numpy as np
 from . import settings
 from .cost_model import CostModel, Measurement
 from .device import device_slug
-from .errors import ProfileRefitWarning, ProfileSkippedWarning, StaleProfileWarning
+from .errors import ProfileRefitWarning, ProfileSkippedWarning, StaleProfileWarning, user_stacklevel
 from .freshness import stale_reasons
 from .layer import LayerSpec
 from .locking import file_lock
@@ -275,7 +275,7 @@ def warn_once(category: type[Warning], key: str, message: str) -> None:
             return
         _warned.add((category.__name__, key))
     # A Python warning (shown by default, filterable) rather than a log record: the user can act on it.
-    warnings.warn(message, category, stacklevel=3)
+    warnings.warn(message, category, stacklevel=user_stacklevel())
     logger.info("%s", message)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import threading
 import warnings
 
@@ -31,7 +32,7 @@ from .capabilities import unrunnable_backends
 from .choices import CALIBRATION_MODES, DEFAULT, NONE
 from .cost_model import CostModel
 from .device import device_name
-from .errors import ProfileWarning
+from .errors import ProfileMissingWarning, user_stacklevel
 from .expert_parallel import calibrate_args, expert_shards
 from .layer import BATCHED_MM, DEFAULT_BACKENDS, EAGER, GROUPED_MM, LayerSpec, layout_flags, registered_backends
 from .table import DecisionTable, Region, build_profile_table
@@ -46,10 +47,6 @@ _warned_lock = threading.Lock()
 _warned: set[tuple[LayerSpec, str]] = set()
 # Device models read so far, per (device name, dtype, compile mode, search folders); `None` where there is none.
 _device_models: dict[tuple, object] = {}
-
-
-class ProfileMissingWarning(ProfileWarning):
-    """No calibrated profile matches a layer; `auto` uses the fallback rule until one is calibrated."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,7 +280,9 @@ def fallback_table(spec: LayerSpec, candidates: list[str], budget_bytes: float) 
 
 def calibrate_hint(key: LayerKey) -> str:
     """The command that calibrates `key`'s layer on its device and in its compile mode."""
-    model = key.model_id or "<model id or config folder>"
+    model = key.model_id
+    if not model or (os.path.isabs(model) and not os.path.exists(model)):  # e.g. a temporary folder, gone since
+        model = "<model id or config folder>"
     command = f"autoexperts calibrate --model {model} --device {key.device.type} --dtype {key.spec.dtype}"
     if key.parallel_args:
         command += f" {key.parallel_args}"
@@ -299,7 +298,7 @@ def _warn_once(key: LayerKey, message: str) -> None:
             return
         _warned.add((key.spec, key.compile_mode))
     # A warning (shown by default, filterable) rather than a log record: the user can fix it by calibrating.
-    warnings.warn(message, ProfileMissingWarning, stacklevel=4)
+    warnings.warn(message, ProfileMissingWarning, stacklevel=user_stacklevel())
     logger.info("%s", message)
 
 

@@ -20,7 +20,7 @@ import re
 import warnings
 from pathlib import Path
 
-from .errors import SettingWarning
+from .errors import SettingWarning, user_stacklevel
 
 PROFILE_DIR_ENV = "AUTOEXPERTS_PROFILE_DIR"
 MEMORY_BUDGET_ENV = "AUTOEXPERTS_MEMORY_BUDGET"
@@ -120,7 +120,7 @@ def memory_budget_setting(strict: bool = False) -> tuple[str, float]:
             warnings.warn(
                 f"{message}; using the default, {DEFAULT_MEMORY_BUDGET} of the free memory",
                 SettingWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         return parse_memory_budget(DEFAULT_MEMORY_BUDGET)
 

@@ -89,11 +89,27 @@ def test_fallback_without_profile_warns_once(profile_dir):
         for seq in (3, 5, 3):
             with torch.no_grad():
                 model(input_ids=random_input_ids(1, seq))
-    messages = [str(w.message) for w in caught if issubclass(w.category, autoexperts.ProfileMissingWarning)]
-    assert len(messages) == 1
-    assert "autoexperts calibrate --model" in messages[0] and "--dtype float32" in messages[0]
+    missing = [w for w in caught if issubclass(w.category, autoexperts.ProfileMissingWarning)]
+    assert len(missing) == 1
+    assert "autoexperts calibrate --model" in str(missing[0].message) and "--dtype float32" in str(missing[0].message)
+    assert missing[0].filename == __file__  # points at the user's line that ran the model, not at the library
     # On CPU the fallback rule is Transformers' default, grouped_mm.
     assert {(d.backend, d.source) for d in decisions} == {("grouped_mm", "fallback")}
+
+
+@pytest.mark.parametrize(
+    "name_or_path, named",
+    [
+        ("Qwen/Qwen3-30B-A3B", "Qwen/Qwen3-30B-A3B"),  # a hub id: named as is
+        ("/nonexistent/autoexperts-test-model", "<model id or config folder>"),  # a folder gone since (a temp dir)
+    ],
+)
+def test_missing_profile_hint_names_a_model_that_can_be_calibrated(profile_dir, name_or_path, named):
+    model = tiny_model("qwen3_moe")
+    model.config._name_or_path = name_or_path
+    with pytest.warns(autoexperts.ProfileMissingWarning) as caught, torch.no_grad():
+        model(input_ids=random_input_ids(1, 3))
+    assert f"autoexperts calibrate --model {named} --device cpu" in str(caught[0].message)
 
 
 def test_fallback_rule_on_cuda_respects_budget():
