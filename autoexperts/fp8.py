@@ -1,39 +1,53 @@
-"""FP8 experts: `auto` rejects them with a clear message.
+"""FP8 experts: `auto` runs Transformers' default FP8 backend for them, and says so once.
 
 Fine-grained FP8 checkpoints swap each experts layer for Transformers' `FP8Experts`, whose backends live in a
 registry of their own (`FP8ExpertsInterface`: `batched_mm`, `grouped_mm`, `deepgemm`, ...). Their costs are not
-those of the unquantized kernels `calibrate` measures, so `auto` has no profile to decide with. Registering a
-rejecting `"auto"` there turns Transformers' generic "not a valid experts implementation" error into one that says
-what to use instead.
+those of the unquantized kernels `calibrate` measures, so `auto` has nothing to decide with. It must still run: with
+`"auto"` as a model's default (or set on a whole model whose experts are quantized), an error would break a model
+that runs without it. So `auto` registers itself there too and runs what Transformers runs when no implementation
+is asked for (`grouped_mm`), except where that backend cannot run the layer (static activation scales: the FP8
+`grouped_mm` rejects them, the eager loop handles them), with one `ProfileMissingWarning` per layer class.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import warnings
 
 import torch
 
-from .layer import AUTO
+from .errors import ProfileMissingWarning, user_stacklevel
+from .layer import AUTO, EAGER, GROUPED_MM, eager_forward
 
 logger = logging.getLogger(__name__)
+
+_warned_lock = threading.Lock()
+_warned: set[str] = set()
 
 
 def fp8_auto_experts_forward(
     self: torch.nn.Module,
-    hidden_states: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
+    hidden_states: torch.Tensor,  # (num_tokens, hidden_dim)
+    top_k_index: torch.Tensor,  # (num_tokens, top_k)
+    top_k_weights: torch.Tensor,  # (num_tokens, top_k)
 ) -> torch.Tensor:
-    """Raises: `auto` does not dispatch FP8 experts.
+    """Runs `fp8_backend(self)`, the FP8 backend Transformers would run for this layer by default."""
+    backend = fp8_backend(self)
+    _warn_once(self, backend)
+    if backend == EAGER:
+        return eager_forward(type(self))(self, hidden_states, top_k_index, top_k_weights)
+    from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS
 
-    Raises:
-        `NotImplementedError`: always, naming the FP8 backends this process has.
-    """
-    raise NotImplementedError(
-        f'experts_implementation="auto" does not support FP8-quantized experts ({type(self).__name__}): autoexperts '
-        "calibrates unquantized kernels only. Pick one of Transformers' FP8 experts backends for this model, e.g. "
-        f'model.set_experts_implementation("grouped_mm"); available: {", ".join(fp8_backends())}.'
-    )
+    return ALL_FP8_EXPERTS_FUNCTIONS[backend](self, hidden_states, top_k_index, top_k_weights)
+
+
+def fp8_backend(experts: torch.nn.Module) -> str:
+    """The FP8 backend `auto` runs for `experts`: Transformers' default (`grouped_mm`), or `eager` where
+    `grouped_mm` cannot run the layer (static activation scales, or no FP8 `grouped_mm` registered)."""
+    if getattr(experts, "activation_scheme", None) == "static" or GROUPED_MM not in fp8_backends():
+        return EAGER
+    return GROUPED_MM
 
 
 def fp8_backends() -> list[str]:
@@ -45,8 +59,29 @@ def fp8_backends() -> list[str]:
     return [name for name in ALL_FP8_EXPERTS_FUNCTIONS if name != AUTO]
 
 
+def _warn_once(experts: torch.nn.Module, backend: str) -> None:
+    name = type(experts).__name__
+    with _warned_lock:
+        if name in _warned:
+            return
+        _warned.add(name)
+    message = (
+        f"autoexperts: {name} holds FP8-quantized experts, which autoexperts does not calibrate (it measures "
+        f"unquantized kernels); auto runs Transformers' FP8 {backend} for them. To pick another FP8 backend: "
+        f"model.set_experts_implementation(NAME) with NAME one of {', '.join(fp8_backends())}."
+    )
+    warnings.warn(message, ProfileMissingWarning, stacklevel=user_stacklevel())
+    logger.info("%s", message)
+
+
+def forget_warnings() -> None:
+    """Lets the FP8 warning be given again (`autoexperts.reset()`)."""
+    with _warned_lock:
+        _warned.clear()
+
+
 def register() -> None:
-    """Registers the rejecting `"auto"` with Transformers' FP8 experts interface, where there is one (idempotent)."""
+    """Registers `"auto"` with Transformers' FP8 experts interface, where there is one (idempotent)."""
     try:
         from transformers.integrations.finegrained_fp8 import FP8ExpertsInterface
     except ImportError:  # a Transformers without FP8 experts

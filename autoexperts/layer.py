@@ -49,7 +49,7 @@ def backend_forward(name: str, experts_class: type[torch.nn.Module]) -> ExpertsF
         `KeyError`: when `name` is neither `"eager"` nor registered with Transformers.
     """
     if name == EAGER:
-        original_forward = getattr(experts_class.forward, "__wrapped__", None)
+        original_forward = eager_forward(experts_class)
         if original_forward is None:
             raise KeyError(
                 f"{experts_class.__name__} has no eager forward (is it decorated with @use_experts_implementation?)"
@@ -59,6 +59,21 @@ def backend_forward(name: str, experts_class: type[torch.nn.Module]) -> ExpertsF
     if name == AUTO or name not in functions:
         raise KeyError(f"unknown experts backend {name!r}; registered: {', '.join(registered_backends())}")
     return functions[name]
+
+
+def eager_forward(experts_class: type[torch.nn.Module]) -> ExpertsForward | None:
+    """The experts class's own forward, under every `@use_experts_implementation` dispatching wrapper (Transformers'
+    FP8 quantizer decorates `FP8Experts` again for each layer it converts, so wrappers can nest: one step down would
+    reach another wrapper, which dispatches to `auto` again); `None` when the class has no such wrapper."""
+    from transformers.integrations import moe
+
+    forward = experts_class.forward
+    if not hasattr(forward, "__wrapped__"):
+        return None
+    # The wrappers are closures of one function in Transformers' moe module; the class's own forward is not.
+    while hasattr(forward, "__wrapped__") and forward.__code__.co_filename == moe.__file__:
+        forward = forward.__wrapped__
+    return forward
 
 
 def experts_class_name(experts_class: type) -> str:
