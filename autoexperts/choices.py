@@ -7,6 +7,8 @@ them from here.
 
 NONE = "none"
 DEFAULT = "default"
+# `torch.export` tracing: not a `torch.compile` mode (nothing to calibrate), but its own table (see `selection`).
+EXPORT = "export"
 # The modes `calibrate --compile` measures (CUDA-graph modes are not: their captured graphs are timed by the user's
 # own `reduce-overhead` runs; `auto` uses the `default` profile there).
 CALIBRATION_MODES = (NONE, DEFAULT, "max-autotune-no-cudagraphs")

@@ -5,7 +5,8 @@ A profile is specific to a compile mode (compilation moves the crossovers). `aut
 given (`"default"`, `"max-autotune-no-cudagraphs"`, `"reduce-overhead"`, `"max-autotune"`; options passed as
 `torch.compile(options=...)` count by their effect: CUDA graphs and/or max-autotune). Other compile backends
 (`"aot_eager"`, custom ones) count as `"default"`. The detection reads Dynamo internals that have been stable from
-torch 2.11 to 2.15; when they cannot be read, the mode is `"default"`.
+torch 2.11 to 2.15; when they cannot be read, the mode is `"default"`. A `torch.export` trace (strict or not) is
+`"export"`: the exported program runs the ATen kernels uncompiled.
 Which backends a mode can run, and whose profiles it may borrow, is decided in `autoexperts.selection`.
 """
 
@@ -16,7 +17,7 @@ import logging
 import torch
 
 from .choices import CALIBRATION_MODES as CALIBRATION_MODES  # defined without torch, for the command's parser
-from .choices import DEFAULT, NONE
+from .choices import DEFAULT, EXPORT, NONE
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +25,10 @@ logger = logging.getLogger(__name__)
 def traced_compile_mode() -> str:
     """The compile mode of the `torch.compile` call tracing right now; call it at trace time, outside the graph.
 
-    Returns `"none"` when no Dynamo trace is running.
+    Returns `"export"` under `torch.export`, `"none"` when no Dynamo trace is running.
     """
+    if torch.compiler.is_exporting():
+        return EXPORT
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 

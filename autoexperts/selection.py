@@ -29,7 +29,7 @@ import torch
 from . import profile as profiles
 from . import settings
 from .capabilities import unrunnable_backends
-from .choices import CALIBRATION_MODES, DEFAULT, NONE
+from .choices import CALIBRATION_MODES, DEFAULT, EXPORT, NONE
 from .cost_model import CostModel
 from .device import device_name
 from .errors import ProfileMissingWarning, user_stacklevel
@@ -152,7 +152,7 @@ def select(key: LayerKey, budget_bytes: float) -> Selection:
         if profile is None or not set(candidates) & set(profile.cost_model.backends):
             continue
         logger.info("auto: %s (compile mode %s) uses profile %s", spec.describe(), compile_mode, profile.json_path)
-        if profile_mode != compile_mode:
+        if profile_mode != compile_mode and not (compile_mode == EXPORT and profile_mode == NONE):
             left_out = ", ".join(sorted(set(registered_backends()) - set(candidates)))
             _warn_once(
                 key,
@@ -223,7 +223,7 @@ def device_model_command(key: LayerKey) -> str:
     """The command that calibrates the device model for `key`'s device, dtype and compile mode."""
     from .device_profile import device_model_command as command
 
-    mode = key.compile_mode if key.compile_mode in CALIBRATION_MODES else DEFAULT  # CALIBRATION_MODES holds NONE
+    mode = _calibration_mode(key.compile_mode)
     return command(key.device.type, key.spec.dtype, mode)
 
 
@@ -243,14 +243,26 @@ def runnable_backends(candidates: list[str], compile_mode: str, device_type: str
     return [backend for backend in candidates if backend not in excluded]
 
 
+def _calibration_mode(compile_mode: str) -> str:
+    """The `calibrate --compile` mode that measures for `compile_mode` (CUDA-graph modes: `default`'s; an export:
+    the uncompiled one's)."""
+    if compile_mode == EXPORT:
+        return NONE
+    return compile_mode if compile_mode in CALIBRATION_MODES else DEFAULT  # CALIBRATION_MODES holds NONE
+
+
 def profile_modes(compile_mode: str) -> tuple[str, ...]:
     """The compile modes whose profiles may decide in `compile_mode`, best match first.
 
     A compiled run without a profile of its own mode borrows the closest one (the `default` mode's, then the
-    uncompiled one's: its crossovers are off under compilation, but its ranking and memory still hold).
+    uncompiled one's: its crossovers are off under compilation, but its ranking and memory still hold). An exported
+    program runs ATen's kernels uncompiled: the uncompiled profile is its own (less `eager`, which cannot be
+    exported), the `default` one next.
     """
     if compile_mode == NONE:
         return (NONE,)
+    if compile_mode == EXPORT:
+        return (NONE, DEFAULT)
     if compile_mode == DEFAULT:
         return (DEFAULT, NONE)
     if compile_mode == "max-autotune":
@@ -286,8 +298,8 @@ def calibrate_hint(key: LayerKey) -> str:
     command = f"autoexperts calibrate --model {model} --device {key.device.type} --dtype {key.spec.dtype}"
     if key.parallel_args:
         command += f" {key.parallel_args}"
-    if key.compile_mode != NONE:
-        mode = key.compile_mode if key.compile_mode in CALIBRATION_MODES else DEFAULT
+    mode = _calibration_mode(key.compile_mode)
+    if mode != NONE:
         command += f" --compile {mode}"
     return f"Calibrate this device with: {command}"
 

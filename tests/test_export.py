@@ -64,3 +64,26 @@ def test_dynamic_export_runs_every_length_on_the_largest_lengths_backend(profile
         input_ids = random_input_ids(1, length)
         logits = program.module()(input_ids=input_ids, use_cache=False).logits
         torch.testing.assert_close(logits, _reference_logits(model, input_ids), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("seq", "backend"),
+    [
+        (3, "batched_mm"),  # below the uncompiled profile's crossover
+        (20, "grouped_mm"),  # above it
+    ],
+)
+def test_export_uses_the_uncompiled_profile_without_a_warning(profile_dir, save, seq, backend):
+    # An exported program runs ATen's kernels uncompiled: the uncompiled profile is export's own, not a borrowed one.
+    import autoexperts
+
+    model = tiny_model("qwen3_moe")
+    save(synthetic_profile(layer_spec(model), CROSSOVER_CURVES, compile_mode="none"))
+    input_ids = random_input_ids(1, seq)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        program = torch.export.export(model, (), {"input_ids": input_ids, "use_cache": False}, strict=False)
+    assert not [w for w in caught if issubclass(w.category, autoexperts.ProfileWarning)]
+    assert _backends_in(program) == {backend}
+    logits = program.module()(input_ids=input_ids, use_cache=False).logits
+    torch.testing.assert_close(logits, _reference_logits(model, input_ids), rtol=1e-4, atol=1e-5)
