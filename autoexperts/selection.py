@@ -301,6 +301,8 @@ def calibrate_hint(key: LayerKey) -> str:
     mode = _calibration_mode(key.compile_mode)
     if mode != NONE:
         command += f" --compile {mode}"
+    if mode != key.compile_mode and key.compile_mode != EXPORT:
+        command += f" (mode {key.compile_mode} is not calibrated: it uses the {mode} mode's profile)"
     return f"Calibrate this device with: {command}"
 
 

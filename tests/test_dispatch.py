@@ -112,6 +112,26 @@ def test_missing_profile_hint_names_a_model_that_can_be_calibrated(profile_dir, 
     assert f"autoexperts calibrate --model {named} --device cpu" in str(caught[0].message)
 
 
+@pytest.mark.parametrize(
+    "compile_mode, expected",
+    [
+        ("none", "--dtype float32"),  # uncompiled: no --compile
+        ("default", "--compile default"),  # a calibrated mode: named as is
+        ("reduce-overhead", "--compile default (mode reduce-overhead is not calibrated"),  # CUDA graphs: says why
+        ("export", "--dtype float32"),  # torch.export runs uncompiled kernels: the plain calibration serves it
+    ],
+)
+def test_calibrate_hint_names_the_mode_that_serves_the_run(compile_mode, expected):
+    from autoexperts.layer import is_experts_module
+    from autoexperts.selection import LayerKey, calibrate_hint
+
+    model = tiny_model("qwen3_moe")
+    experts = next(m for m in model.modules() if is_experts_module(m))
+    hint = calibrate_hint(LayerKey.of(experts, torch.device("cpu"), 2, compile_mode))
+    assert expected in hint
+    assert ("--compile" in hint) == (compile_mode in ("default", "reduce-overhead"))
+
+
 def test_fallback_rule_on_cuda_respects_budget():
     from autoexperts.selection import fallback_table as build_fallback_table
 
