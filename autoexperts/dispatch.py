@@ -40,7 +40,7 @@ import torch
 from transformers.integrations.moe import ExpertsInterface
 
 from . import compile_mode as modes
-from . import fp8, selection, settings
+from . import selection, settings
 from .decisions import Decision, active_hooks
 from .device import free_memory_bytes
 from .errors import BackendFailedWarning, user_stacklevel
@@ -414,7 +414,6 @@ def reset() -> None:
     with _lock:
         _tables.clear()
         selection.forget_warnings()
-        fp8.forget_warnings()
         _epoch[0] += 1
 
 

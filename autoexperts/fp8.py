@@ -12,18 +12,14 @@ is asked for (`grouped_mm`), except where that backend cannot run the layer (sta
 from __future__ import annotations
 
 import logging
-import threading
-import warnings
 
 import torch
 
-from .errors import ProfileMissingWarning, user_stacklevel
+from .errors import ProfileMissingWarning
 from .layer import AUTO, EAGER, GROUPED_MM, eager_forward
+from .profile import warn_once
 
 logger = logging.getLogger(__name__)
-
-_warned_lock = threading.Lock()
-_warned: set[str] = set()
 
 
 def fp8_auto_experts_forward(
@@ -60,24 +56,14 @@ def fp8_backends() -> list[str]:
 
 
 def _warn_once(experts: torch.nn.Module, backend: str) -> None:
+    """Warns once per layer class (until `autoexperts.reset()`) that auto runs `backend` for it."""
     name = type(experts).__name__
-    with _warned_lock:
-        if name in _warned:
-            return
-        _warned.add(name)
     message = (
         f"autoexperts: {name} holds FP8-quantized experts, which autoexperts does not calibrate (it measures "
         f"unquantized kernels); auto runs Transformers' FP8 {backend} for them. To pick another FP8 backend: "
         f"model.set_experts_implementation(NAME) with NAME one of {', '.join(fp8_backends())}."
     )
-    warnings.warn(message, ProfileMissingWarning, stacklevel=user_stacklevel())
-    logger.info("%s", message)
-
-
-def forget_warnings() -> None:
-    """Lets the FP8 warning be given again (`autoexperts.reset()`)."""
-    with _warned_lock:
-        _warned.clear()
+    warn_once(ProfileMissingWarning, ("fp8", name), message)
 
 
 def register() -> None:

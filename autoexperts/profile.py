@@ -27,7 +27,7 @@ import os
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +52,7 @@ DEVICE_MODEL_PREFIX = "device-model-"
 LOCK_TIMEOUT_S = 120
 
 _warned_lock = threading.Lock()
-_warned: set[tuple[str, str]] = set()
+_warned: set[tuple[str, Hashable]] = set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,7 +268,7 @@ def read_record(json_path: Path) -> dict:
     return record
 
 
-def warn_once(category: type[Warning], key: str, message: str) -> None:
+def warn_once(category: type[Warning], key: Hashable, message: str) -> None:
     """Warns with `message` once per process for `(category, key)`, and logs it at INFO."""
     with _warned_lock:
         if (category.__name__, key) in _warned:

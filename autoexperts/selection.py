@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import threading
-import warnings
 
 import torch
 
@@ -32,7 +31,7 @@ from .capabilities import unrunnable_backends
 from .choices import CALIBRATION_MODES, DEFAULT, EXPORT, NONE
 from .cost_model import CostModel
 from .device import device_name
-from .errors import ProfileMissingWarning, user_stacklevel
+from .errors import ProfileMissingWarning
 from .expert_parallel import calibrate_args, expert_shards
 from .layer import BATCHED_MM, DEFAULT_BACKENDS, EAGER, GROUPED_MM, LayerSpec, layout_flags, registered_backends
 from .table import DecisionTable, Region, build_profile_table
@@ -43,8 +42,7 @@ logger = logging.getLogger(__name__)
 FALLBACK_BATCHED_MAX_TOKENS = 64
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
-_warned_lock = threading.Lock()
-_warned: set[tuple[LayerSpec, str]] = set()
+_device_models_lock = threading.Lock()
 # Device models read so far, per (device name, dtype, compile mode, search folders); `None` where there is none.
 _device_models: dict[tuple, object] = {}
 
@@ -307,18 +305,12 @@ def calibrate_hint(key: LayerKey) -> str:
 
 
 def _warn_once(key: LayerKey, message: str) -> None:
-    with _warned_lock:
-        if (key.spec, key.compile_mode) in _warned:
-            return
-        _warned.add((key.spec, key.compile_mode))
-    # A warning (shown by default, filterable) rather than a log record: the user can fix it by calibrating.
-    warnings.warn(message, ProfileMissingWarning, stacklevel=user_stacklevel())
-    logger.info("%s", message)
+    """Warns once per layer spec and compile mode (until `autoexperts.reset()`); the user can fix it by calibrating."""
+    profiles.warn_once(ProfileMissingWarning, (key.spec, key.compile_mode), message)
 
 
 def forget_warnings() -> None:
     """Lets every missing-profile warning be given again and device models be read anew (`autoexperts.reset()`)."""
-    with _warned_lock:
-        _warned.clear()
+    with _device_models_lock:
         _device_models.clear()
     profiles.forget_warnings()
