@@ -441,10 +441,9 @@ def _bench(args: argparse.Namespace) -> int:
         compare_profile_dir=Path(args.compare_profile_dir).expanduser() if args.compare_profile_dir else None,
     )
     results = run_benchmark(options)
-    for target in results["targets"]:
-        verdict = {True: "met", False: "MISSED", None: "n/a"}[target["met"]]
-        value = "-" if target["value"] is None else f"{target['value']:.3f}"
-        print(f"{verdict:<7}{target['name']}: {value} ({target['comparison']} {target['limit']:g})")
+    for figure in results["headline"]:
+        value = "-" if figure["value"] is None else f"{figure['value']:.3f}"
+        print(f"{figure['name']}: {value}" + (f" ({figure['note']})" if figure["note"] else ""))
     for kind, path in results["files"].items():
         print(f"{kind:<9}{path}")
     return 0

@@ -9,10 +9,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from autoexperts.bench.analysis import measured_by_tokens
 from autoexperts.dispatch import memory_budget_bytes
 from autoexperts.profile import load_profile
 from autoexperts.report import describe_parallel, profile_table
+
+from checks import measured_by_tokens
 
 BACKENDS = ("eager", "batched_mm", "grouped_mm")
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,23 @@ from autoexperts.cost_model import CostModel, Measurement
 from autoexperts.device import device_name
 from autoexperts.layer import LayerSpec, is_experts_module
 from autoexperts.profile import Profile, save_profile
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def load_script(name: str):
+    """A script of the repository's `calibrate/` folder (outside the package), imported as a module; its imports of
+    sibling scripts resolve as they do for `python calibrate/<name>.py`."""
+    folder = str(REPOSITORY / "calibrate")
+    spec = importlib.util.spec_from_file_location(f"calibrate_{name}", Path(folder) / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
+    return module
+
 
 # Tiny configs of the MoE families the tests cover; every dimension is a multiple of 8 (CPU grouped_mm needs
 # 16-byte aligned strides).

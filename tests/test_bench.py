@@ -1,4 +1,5 @@
-"""The benchmark's own logic: held-out token counts, oracle and regret, totals, targets, and the files it writes."""
+"""The benchmark's own logic: held-out token counts, oracle and regret, totals, headline figures, the files it writes,
+and the project's targets script (`calibrate/targets.py`) reading them."""
 
 import importlib.util
 import itertools
@@ -9,14 +10,20 @@ import sys
 import pytest
 import torch
 
-from autoexperts.bench.analysis import SLOW_PICK_FACTOR, ContenderRun, PointResult, choice_totals, sweep_summary
+from autoexperts.bench.analysis import (
+    SLOW_PICK_FACTOR,
+    ContenderRun,
+    PointResult,
+    choice_totals,
+    headline_figures,
+    sweep_summary,
+)
 from autoexperts.bench.layer_sweep import held_out_tokens
 from autoexperts.bench.run import BenchOptions, run_benchmark
-from autoexperts.bench.targets import evaluate_targets
 from autoexperts.calibration.run import calibrate
 from autoexperts.calibration.sweep import default_token_grid
 from autoexperts.selection import device_model_table
-from tests.conftest import layer_spec, tiny_config, tiny_model
+from tests.conftest import REPOSITORY, layer_spec, load_script, tiny_config, tiny_model
 from tests.test_device_model import BACKENDS, save_synthetic_device_model
 
 
@@ -107,18 +114,31 @@ def test_choice_totals_read_each_pick_off_the_fixed_backends_timings(picks, tota
     assert (totals["oracle_picks"], totals["untimed_picks"]) == (oracle_picks, untimed)
 
 
-def test_targets_flag_misses_and_strict_comparisons():
+def _cpu_results(overhead_us: float) -> dict:
     points = [
         _point(4, "batched_mm", eager=[4], batched_mm=[1], grouped_mm=[2], auto=[1.02]),
         _point(400, "grouped_mm", eager=[30], batched_mm=[], grouped_mm=[20], auto=[20]),
     ]
-    results = {
+    return {
+        "kind": "autoexperts-bench",
         "machine": {"device_type": "cpu"},
         "layer_sweep": {"summary": sweep_summary(points)},
-        "overhead": {"auto_path_us": 2.5},
+        "overhead": {"auto_path_us": overhead_us},
         "calibration": {"wall_seconds": 100.0},
     }
-    verdicts = {t["name"]: t["met"] for t in evaluate_targets(results)}
+
+
+def test_headline_figures_report_ratios_without_verdicts():
+    figures = {f["name"]: f["value"] for f in headline_figures(_cpu_results(2.5))}
+    assert figures["layer sweep: auto total / oracle total"] == pytest.approx(21.02 / 21)
+    assert figures["layer sweep: auto total / batched_mm total"] == pytest.approx(1.02)  # where batched_mm ran
+    assert figures["dispatch overhead per call (µs)"] == 2.5
+    assert not any("generate" in name for name in figures)  # no generate() part in this run
+
+
+def test_targets_script_flags_misses_and_strict_comparisons(tmp_path, capsys):
+    targets = load_script("targets")
+    verdicts = {t["name"]: t["met"] for t in targets.evaluate_targets(_cpu_results(2.5))}
     assert verdicts["layer sweep: auto total / oracle total"] is True  # 21.02 / 21
     assert verdicts["layer sweep: auto total / eager total"] is True
     assert verdicts["layer sweep: auto total / batched_mm total"] is False  # 1.02 / 1: not strictly below
@@ -126,6 +146,40 @@ def test_targets_flag_misses_and_strict_comparisons():
     assert verdicts["dispatch overhead per call (µs)"] is False
     assert verdicts["calibration wall time (s)"] is True
     assert not any("generate" in name for name in verdicts)  # generate() targets are for GPUs
+
+    result = tmp_path / "run.json"
+    result.write_text(json.dumps(_cpu_results(1.5)), encoding="utf-8")
+    assert targets.main([str(result)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(result)
+    assert "met    dispatch overhead per call (µs): 1.500 (<= 2)" in lines
+    missed = "MISSED layer sweep: auto total / batched_mm total: 1.020 (< 1) [over the 1 points where batched_mm ran]"
+    assert missed in lines
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",  # unreadable
+        '{"kind": "autoexperts-profile"}',  # another autoexperts file
+    ],
+)
+def test_targets_script_refuses_a_file_that_is_not_a_bench_result(tmp_path, capsys, content):
+    result = tmp_path / "run.json"
+    result.write_text(content, encoding="utf-8")
+    assert load_script("targets").main([str(result)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("targets.py: error: ") and len(error.strip().splitlines()) == 1
+
+
+def test_targets_script_judges_every_committed_result(capsys):
+    """Every bench result committed under calibrate/results is readable by the targets script."""
+    files = (REPOSITORY / "calibrate").rglob("*.json")
+    records = {path: json.loads(path.read_text(encoding="utf-8")) for path in files}
+    bench = [p for p, r in records.items() if isinstance(r, dict) and r.get("kind") == "autoexperts-bench"]
+    assert bench, "no committed bench result found"
+    assert load_script("targets").main([str(p) for p in sorted(bench)]) == 0
+    assert capsys.readouterr().out.count("\n/") + 1 == len(bench)  # one block per file
 
 
 @pytest.fixture
@@ -164,7 +218,8 @@ def test_benchmark_writes_consistent_json_markdown_and_plot(tiny_model_folder, t
     assert [p["num_tokens"] for p in written["forward"]] == [1, 16, 128, 64, 512, 32]
     assert written["generation"]["same_tokens_as_eager"]["eager"] is True
     assert sum(written["generation"]["auto_decisions"].values()) == 3  # one prefill and two decode steps
-    assert {t["name"] for t in written["targets"]} >= {"layer sweep: worst point regret"}
+    assert {f["name"] for f in written["headline"]} >= {"layer sweep: worst point regret"}
+    assert "targets" not in written  # the project's thresholds are calibrate/targets.py's, not the package's
 
     with open(results["files"]["markdown"], encoding="utf-8") as file:
         markdown = file.read()

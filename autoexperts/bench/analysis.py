@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..layer import AUTO, DEFAULT_BACKENDS
+from ..layer import AUTO, DEFAULT_BACKENDS, GROUPED_MM
 
 FIXED_BACKENDS = tuple(DEFAULT_BACKENDS)
 CONTENDERS = (*FIXED_BACKENDS, AUTO)
+# What Transformers runs when no experts implementation is asked for (on GPUs it switches to batched_mm to decode).
+TRANSFORMERS_DEFAULT = GROUPED_MM
 
 
 @dataclass
@@ -94,10 +96,6 @@ class PointResult:
         chosen_ms = self.median(self.auto_backend) if self.auto_backend else None
         return None if oracle is None or chosen_ms is None else chosen_ms / oracle[1] - 1
 
-    def ratio_to_best_fixed(self, contender: str) -> float | None:
-        oracle, value = self.oracle(), self.median(contender)
-        return None if oracle is None or value is None else value / oracle[1]
-
     def to_json(self) -> dict:
         oracle = self.oracle()
         return {
@@ -168,15 +166,6 @@ def pick_ms(measured: Mapping[str, tuple[str, float | None]], pick: str) -> floa
     return SLOW_PICK_FACTOR * min(ms for s, ms in measured.values() if s == "ok" and ms)
 
 
-def measured_by_tokens(measurements: Iterable) -> dict[int, dict[str, tuple[str, float | None]]]:
-    """`count -> backend -> (status, median ms)` of a calibration's measurements, at the counts where some backend
-    was timed."""
-    by_tokens: dict[int, dict[str, tuple[str, float | None]]] = {}
-    for m in measurements:
-        by_tokens.setdefault(m.num_tokens, {})[m.backend] = (m.status, m.median_ms)
-    return {n: p for n, p in sorted(by_tokens.items()) if any(s == "ok" and ms for s, ms in p.values())}
-
-
 def choice_totals(points: list[PointResult], choices: dict[str, list[str]]) -> dict:
     """Each named chooser's total over a sweep, from the measured medians of the fixed backends it picked
     (`pick_ms`).
@@ -204,3 +193,43 @@ def choice_totals(points: list[PointResult], choices: dict[str, list[str]]) -> d
             "untimed_picks": untimed,
         }
     return totals
+
+
+def headline_figures(results: dict) -> list[dict]:
+    """The figures a run is judged by, each `{"name", "value", "note"}` (`value` `None` where the run cannot tell):
+    the layer sweep's totals and worst regret, `generate()` against the fixed backends, the dispatch overhead and the
+    calibration's wall time. `autoexperts bench` prints them; `calibrate/targets.py` holds them to the project's
+    targets."""
+    figures = []
+
+    def add(name: str, value: float | None, note: str | None = None) -> None:
+        figures.append({"name": name, "value": value, "note": note})
+
+    summary = results.get("layer_sweep", {}).get("summary")
+    if summary:
+        add("layer sweep: auto total / oracle total", summary["auto_over_oracle"])
+        for backend, versus in summary["versus_fixed"].items():
+            missing = versus["points_missing"]
+            note = f"over the {summary['points'] - missing} points where {backend} ran" if missing else None
+            add(f"layer sweep: auto total / {backend} total", versus["auto_ratio"], note)
+        add("layer sweep: worst point regret", summary["worst_regret"])
+    generation = results.get("generation")
+    if generation:
+        runs = generation["runs"]
+        medians = {name: run["median_ms"] for name, run in runs.items() if run["median_ms"] is not None}
+        fixed = [medians[b] for b in FIXED_BACKENDS if b in medians]
+        auto = medians.get(AUTO)
+        if auto is not None and fixed:
+            add("generate(): auto / best fixed backend", auto / min(fixed))
+        if auto is not None and TRANSFORMERS_DEFAULT in medians:
+            add("generate(): auto / Transformers' default", auto / medians[TRANSFORMERS_DEFAULT])
+        auto_peak = runs.get(AUTO, {}).get("peak_bytes")
+        default_peak = runs.get(TRANSFORMERS_DEFAULT, {}).get("peak_bytes")
+        if auto_peak is not None and default_peak:
+            add("generate(): auto peak memory / Transformers' default's", auto_peak / default_peak)
+    if "overhead" in results:
+        add("dispatch overhead per call (µs)", results["overhead"]["auto_path_us"])
+    seconds = results.get("calibration", {}).get("wall_seconds")
+    if seconds is not None:
+        add("calibration wall time (s)", seconds)
+    return figures

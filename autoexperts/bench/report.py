@@ -35,15 +35,13 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def _targets(results: dict) -> list[str]:
+def _headline(results: dict) -> list[str]:
     rows = []
-    for target in results.get("targets", []):
-        value = target["value"]
-        shown = "—" if value is None else f"{value:.3f}"
-        verdict = {True: "met", False: "**missed**", None: "n/a"}[target["met"]]
-        note = f" ({target['note']})" if target.get("note") else ""
-        rows.append([target["name"] + note, f"{target['comparison']} {target['limit']:g}", shown, verdict])
-    return _table(["target", "limit", "measured", ""], rows) if rows else ["(no targets apply)"]
+    for figure in results.get("headline", []):
+        value = figure["value"]
+        note = f" ({figure['note']})" if figure.get("note") else ""
+        rows.append([figure["name"] + note, "—" if value is None else f"{value:.3f}"])
+    return _table(["figure", "measured"], rows) if rows else ["(no figure to report)"]
 
 
 def _diagnosis(results: dict) -> list[str]:
@@ -222,7 +220,7 @@ def _generation(results: dict) -> list[str]:
 
 
 def markdown_report(results: dict) -> str:
-    """The report: verdicts on the targets, then each part's tables, then the decision table and the plot."""
+    """The report: the headline figures, then each part's tables, then the decision table and the plot."""
     machine, versions, layer = results["machine"], results["versions"], results["layer"]
     calibration = results["calibration"]
     title = f"{results['model']['name']} on {machine['device']} ({results['dtype']}, compile {results['compile_mode']})"
@@ -240,7 +238,7 @@ def markdown_report(results: dict) -> str:
     ]
     if results.get("command"):
         lines.append(f"- command: `{results['command']}`")
-    lines += ["", "## Targets", "", *_targets(results), *_diagnosis(results)]
+    lines += ["", "## Summary", "", *_headline(results), *_diagnosis(results)]
     if "layer_sweep" in results:
         lines += [
             "",

@@ -35,11 +35,10 @@ from ..errors import UsageError
 from ..freshness import library_versions
 from ..profile import Profile, find_profile, search_dirs
 from ..report import profile_table
-from .analysis import FIXED_BACKENDS, choice_totals, sweep_summary
+from .analysis import FIXED_BACKENDS, choice_totals, headline_figures, sweep_summary
 from .layer_sweep import MemoryGuard, TimingOptions, held_out_tokens, run_layer_sweep
 from .model_bench import build_bench_model, forward_points, run_forward_points, run_generation
 from .overhead import measure_dispatch_overhead
-from .targets import evaluate_targets
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +278,7 @@ def run_benchmark(options: BenchOptions) -> dict:
                     bar.update()
                 del model
                 gc.collect()
-    results["targets"] = evaluate_targets(results)
+    results["headline"] = headline_figures(results)
     results["files"] = _write(results, folder, stem, profile)
     return results
 

@@ -12,7 +12,7 @@ With a device model of the device, dtype and compile mode, `calibrate --model` m
 
 The measured profile then decides as any profile does: the device model only chose where to look. On the H200's
 seven preset profiles this measured 3.3× fewer counts, and the tables fitted on them chose as well as the full grid's
-at every count of the full grid (`python -m autoexperts.bench.sparse_calibration_check`).
+at every count of the full grid (`python calibrate/sparse_calibration_check.py`).
 """
 
 from __future__ import annotations

@@ -18,5 +18,5 @@ for M in small-moe calibrate/results/intel-xeon/routing/olmoe-1b-7b-half; do
     flock $LOCK bash -c "$QUIET python -m autoexperts bench --model $M --device cpu --dtype float32 --out $OUT --parts sweep --routing zipf:$S --no-progress"
   done
 done
-flock $LOCK bash -c "$QUIET python -m autoexperts.bench.capture_overhead --model small-moe --tokens 1,16,128 --rounds 100 --out $OUT/capture-overhead.json" > /dev/null
+flock $LOCK bash -c "$QUIET python calibrate/capture_overhead.py --model small-moe --tokens 1,16,128 --rounds 100 --out $OUT/capture-overhead.json" > /dev/null
 echo ALL DONE

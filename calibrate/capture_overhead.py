@@ -5,7 +5,7 @@ round, a warm-up first): one never recorded, one whose `record_routing` block ha
 must cost nothing), and one inside an open `record_routing` block. Reported: medians and their ratios to the
 never-recorded copy, per token count.
 
-Run it as `python -m autoexperts.bench.capture_overhead [--model small-moe] [--tokens 1,128] [--rounds 200]
+Run it as `python calibrate/capture_overhead.py [--model small-moe] [--tokens 1,128] [--rounds 200]
 [--out FILE]`.
 """
 
@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from ..calibration.model_source import resolve_model
-from ..capture import record_routing
-from ..device import cpu_model_name
-from ..errors import ProfileWarning
-from ..freshness import library_versions
-from ..timing import interleaved_rounds
-from .model_bench import build_bench_model
+from autoexperts.bench.model_bench import build_bench_model
+from autoexperts.calibration.model_source import resolve_model
+from autoexperts.capture import record_routing
+from autoexperts.device import cpu_model_name
+from autoexperts.errors import ProfileWarning
+from autoexperts.freshness import library_versions
+from autoexperts.timing import interleaved_rounds
 
 
 def measure(model_name: str, token_counts: list[int], rounds: int, implementation: str = "auto") -> dict:

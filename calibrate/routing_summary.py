@@ -11,7 +11,7 @@ of the uniform calibration of the same layer read off the same timings. Per resu
   picks, summed, over the oracle's (the same timings, so their ratio is free of timing noise); their ratio is what
   calibrating with the matching routing saves.
 
-Nothing is timed. Run it as `python -m autoexperts.bench.routing_summary RESULTS_DIR... --out FOLDER`; it writes
+Nothing is timed. Run it as `python calibrate/routing_summary.py RESULTS_DIR... --out FOLDER`; it writes
 `summary.json` and `summary.md` there.
 """
 

@@ -6,7 +6,7 @@ choose at every count of the full grid. A choice costs the measured median there
 sweep dropped as slow costs `SLOW_PICK_FACTOR` times the fastest). The sparse table saw only its subset, so most grid
 counts are held out from it; the full table saw them all, which favours it.
 
-Run it as `python -m autoexperts.bench.sparse_calibration_check --device-model JSON --profiles DIR`.
+Run it as `python calibrate/sparse_calibration_check.py --device-model JSON --profiles DIR`.
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ import argparse
 import statistics
 from pathlib import Path
 
-from ..calibration.adaptive import crossover_tokens
-from ..cost_model import CostModel
-from ..device_profile import load_device_profile
-from ..profile import load_profile, profile_files
-from ..selection import device_model_table, runnable_backends
-from ..table import build_profile_table
-from .analysis import measured_by_tokens, pick_ms
-from .device_model_check import write_result
+from autoexperts.bench.analysis import pick_ms
+from autoexperts.calibration.adaptive import crossover_tokens
+from autoexperts.cost_model import CostModel
+from autoexperts.device_profile import load_device_profile
+from autoexperts.profile import load_profile, profile_files
+from autoexperts.selection import device_model_table, runnable_backends
+from autoexperts.table import build_profile_table
+
+from checks import measured_by_tokens, write_result
 
 
 def _total(table, measured: dict[int, dict[str, tuple[str, float | None]]]) -> tuple[float, float]:

@@ -12,7 +12,7 @@ after a warm-up. At each count three choices are read off:
 Per shape, each choice's *total* is the sum of the measured medians of the backends it picked; the verdict is
 `device_model total / oracle total` (target ≤ 1.05 median, ≤ 1.10 worst) and whether it is never above the fallback's.
 
-Run it as `python -m autoexperts.bench.device_model_check --profile-dir DIR [--dtype T] [--out FILE]`.
+Run it as `python calibrate/device_model_check.py --profile-dir DIR [--dtype T] [--out FILE]`.
 
 With `--against-profiles DIR`, nothing is timed: the truth is the measurements of the exact-shape profiles in `DIR`
 (real, unscaled shapes calibrated on the same device), at every count they measured. This checks a device model of a
@@ -24,28 +24,28 @@ there costs infinity (`analysis.pick_ms`).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig
 
-from ..calibration.design import GATED, TRANSPOSED_BIAS, UNGATED, DesignShape, scale_to_fit, token_counts
-from ..calibration.experts_layer import ExpertsLayer, build_experts_layer, routed_inputs
-from ..calibration.run import resolve_device, resolve_dtype, runnable_for_shape
-from ..device import device_name
-from ..device_profile import DeviceProfile, find_device_profile
-from ..layer import DEFAULT_BACKENDS, LayerSpec, backend_forward
-from ..presets import PRESETS
-from ..selection import device_model_table, fallback_table, runnable_backends
-from ..timing import interleaved_rounds, repeats_for, timed_call_ms
-from .analysis import measured_by_tokens, pick_ms
-from .layer_sweep import held_out_tokens
+from autoexperts.bench.analysis import pick_ms
+from autoexperts.bench.layer_sweep import held_out_tokens
+from autoexperts.calibration.design import GATED, TRANSPOSED_BIAS, UNGATED, DesignShape, scale_to_fit, token_counts
+from autoexperts.calibration.experts_layer import ExpertsLayer, build_experts_layer, routed_inputs
+from autoexperts.calibration.run import resolve_device, resolve_dtype, runnable_for_shape
+from autoexperts.device import device_name
+from autoexperts.device_profile import DeviceProfile, find_device_profile
+from autoexperts.layer import DEFAULT_BACKENDS, LayerSpec, backend_forward
+from autoexperts.presets import PRESETS
+from autoexperts.selection import device_model_table, fallback_table, runnable_backends
+from autoexperts.timing import interleaved_rounds, repeats_for, timed_call_ms
+
+from checks import measured_by_tokens, write_result
 
 logger = logging.getLogger(__name__)
 
@@ -188,8 +188,8 @@ def _measured_check(profile, device_profile: DeviceProfile, budget_bytes: float)
 def run_measured_check(device_model_path: Path, profiles_dir: Path) -> dict:
     """Checks a device model against every exact-shape profile of its device, dtype and compile mode in
     `profiles_dir` (see the module docstring); nothing is timed."""
-    from ..device_profile import load_device_profile
-    from ..profile import load_profile, profile_files
+    from autoexperts.device_profile import load_device_profile
+    from autoexperts.profile import load_profile, profile_files
 
     device_profile = load_device_profile(device_model_path)
     budget = device_profile.metadata["sweep"]["memory_limit_bytes"]
@@ -315,15 +315,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --profile-dir, or --against-profiles with --device-model")
     write_result(result, markdown(result), args.out)
     return 0
-
-
-def write_result(result: dict, text: str, out: Path | None) -> None:
-    """Prints a check's Markdown and, with `out`, writes its JSON there and the Markdown beside it."""
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-        out.with_suffix(".md").write_text(text, encoding="utf-8")
-    sys.stdout.write(text)
 
 
 if __name__ == "__main__":
