@@ -1,19 +1,43 @@
-"""The choices the `autoexperts` command offers, in a module that imports nothing.
+"""The package's named strings that the `autoexperts` command offers as choices, in a module that imports nothing.
 
 The command builds its argument parser from these names, so that `--help` and argument errors answer at once rather
-than after torch and Transformers have loaded (seconds). `autoexperts.compile_mode` and `autoexperts.bench.run` take
-them from here.
+than after torch and Transformers have loaded (seconds); `import autoexperts` registers `"auto"` by the same rule.
 """
 
-NONE = "none"
-DEFAULT = "default"
-# `torch.export` tracing: not a `torch.compile` mode (nothing to calibrate), but its own table (see `selection`).
-EXPORT = "export"
+import enum
+
+# The experts implementation this package adds to Transformers' registries.
+AUTO = "auto"
+
+
+class StrEnum(str, enum.Enum):
+    """`enum.StrEnum` (Python 3.11+) for Python 3.10: a member is its string wherever a string is expected (equality,
+    hashing, JSON, f-strings), so stored files and user code that compare with plain strings keep working."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class CompileMode(StrEnum):
+    """The compile mode an experts call runs in: a profile is specific to one (compilation moves the crossovers)."""
+
+    NONE = "none"
+    DEFAULT = "default"
+    MAX_AUTOTUNE_NO_CUDAGRAPHS = "max-autotune-no-cudagraphs"
+    REDUCE_OVERHEAD = "reduce-overhead"
+    MAX_AUTOTUNE = "max-autotune"
+    # `torch.export` tracing: not a `torch.compile` mode (nothing to calibrate), but its own table (see `selection`).
+    EXPORT = "export"
+
+
+NONE, DEFAULT, EXPORT = CompileMode.NONE, CompileMode.DEFAULT, CompileMode.EXPORT
 # The modes `calibrate --compile` measures (CUDA-graph modes are not: their captured graphs are timed by the user's
 # own `reduce-overhead` runs; `auto` uses the `default` profile there).
-CALIBRATION_MODES = (NONE, DEFAULT, "max-autotune-no-cudagraphs")
+CALIBRATION_MODES = (NONE, DEFAULT, CompileMode.MAX_AUTOTUNE_NO_CUDAGRAPHS)
+# The modes that capture CUDA graphs, which `grouped_mm`'s kernel cannot be part of.
+CUDA_GRAPH_MODES = (CompileMode.REDUCE_OVERHEAD, CompileMode.MAX_AUTOTUNE)
 # The parts of `autoexperts bench`, in the order they run.
 BENCH_PARTS = ("sweep", "forward", "generate", "overhead")
 # How tokens reach a rank's experts under expert parallelism (`calibrate --ep-implementation`), as Transformers'
-# `DistributedConfig.ep_implementation` names them.
+# `DistributedConfig.ep_implementation` names them (its "auto": Transformers' inference choice).
 EP_IMPLEMENTATIONS = ("auto", "all_to_all", "all_reduce")

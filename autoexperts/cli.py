@@ -1,4 +1,5 @@
-"""The `autoexperts` command: `calibrate` a model's experts layer on this device, `show` a profile's decisions."""
+"""The `autoexperts` command: `calibrate` a model's experts layer (or the whole device) here, `show` the profiles'
+decision tables, `bench` auto against every fixed backend, and list the built-in `presets`."""
 
 from __future__ import annotations
 
@@ -281,8 +282,8 @@ def _check_environment_budget() -> None:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from .calibration.run import calibrate, resolve_device
-    from .profile import default_write_dir
     from .report import describe_profile, describe_replacement
+    from .store import default_write_dir
 
     device = resolve_device(args.device)
     out = Path(args.out).expanduser() if args.out else default_write_dir()
@@ -309,7 +310,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         ep_implementation=args.ep_implementation,
         routing=args.routing,
     )
-    budget, label = _budget(None, profile.spec.device_type)
+    budget, label = _budget(None, profile.device_type)
     print(describe_profile(profile, budget, label))
     if profile.measured_elsewhere:
         print(f"\nmeasured meanwhile by another process (another rank of this launch); profile at {profile.json_path}")
@@ -363,55 +364,64 @@ def _calibrate_device_model(args: argparse.Namespace, device, out: Path) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from .device_profile import is_device_model_file
-    from .profile import load_profile, profile_files, search_dirs
-    from .report import describe_profile
+    """Prints one profile or device model, or, without an argument, every one `auto` would read: this machine's
+    devices first, then the others, grouped by device. A memory budget applies only to this machine's devices."""
+    from .device import local_device_names
+    from .store import ProfileError, device_model_files, profile_files, search_dirs
 
+    local = local_device_names()
     if args.profile:
         path = Path(args.profile).expanduser()
         if not path.is_file():
             raise UsageError(f"no profile at {path}")
-        paths = [path]
-    else:
-        paths = profile_files(search_dirs())
-    shown = _show_device_models(args, [p for p in paths if is_device_model_file(p)])
-    paths = [p for p in paths if not is_device_model_file(p)]
+        try:
+            shown = _load_shown(path)
+        except (OSError, ValueError) as error:
+            raise UsageError(str(error) if isinstance(error, ProfileError) else f"{path}: {error}") from error
+        print(_describe_shown(shown, args.budget, local))
+        return 0
+    folders = search_dirs()
+    paths = [*device_model_files(folders), *profile_files(folders)]
+    loaded = []
     for path in paths:
         try:
-            profile = load_profile(path)
-        except ValueError as error:
-            if args.profile:
-                raise UsageError(str(error)) from error
-            logger.warning("skipping %s", error)
-            continue
-        budget, label = _budget(args.budget, profile.spec.device_type)
-        print(("\n" if shown else "") + describe_profile(profile, budget, label))
-        shown += 1
-    if not shown:  # none found, or only unusable files (each named above)
+            loaded.append(_load_shown(path))
+        except (OSError, ValueError) as error:
+            logger.warning("skipping %s: %s", path, error.reason if isinstance(error, ProfileError) else error)
+    if not loaded:  # none found, or only unusable files (each named above)
         usable = "usable " if paths else ""
-        print(f"no {usable}profiles in {', '.join(str(d) for d in search_dirs())}; run: autoexperts calibrate")
+        print(f"no {usable}profiles in {', '.join(str(d) for d in folders)}; run: autoexperts calibrate")
+        return 0
+    devices = [*local, *sorted({item.device_name for item in loaded} - set(local))]
+    blocks = []
+    for device in devices:
+        items = [item for item in loaded if item.device_name == device]
+        if items:
+            where = f"this machine's {local[device]}" if device in local else "another machine (no memory budget)"
+            blocks += [f"== {device}: {where}", *(_describe_shown(item, args.budget, local) for item in items)]
+    print("\n\n".join(blocks))
     return 0
 
 
-def _show_device_models(args: argparse.Namespace, paths: list[Path]) -> int:
-    """Prints the device models at `paths` (or, without a profile argument, every one in the search folders)."""
-    from .device_profile import device_model_files, load_device_profile
-    from .profile import search_dirs
-    from .report import describe_device_profile
+def _load_shown(path: Path):
+    """The device model or profile at `path`."""
+    from .device_profile import load_device_profile
+    from .profile import load_profile
+    from .store import is_device_model_file
 
-    shown = 0
-    for path in paths if args.profile else device_model_files(search_dirs()):
-        try:
-            profile = load_device_profile(path)
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            if args.profile:
-                raise UsageError(f"{path}: {error}") from error
-            logger.warning("skipping %s: %s", path, error)
-            continue
-        budget, label = _budget(args.budget, profile.device_type)
-        print(("\n" if shown else "") + describe_device_profile(profile, budget, label))
-        shown += 1
-    return shown
+    return load_device_profile(path) if is_device_model_file(path) else load_profile(path)
+
+
+def _describe_shown(item, budget_setting: tuple[str, float] | None, local: dict[str, str]) -> str:
+    """`item`'s description, under this machine's memory budget where it is one of this machine's devices."""
+    from .device_profile import DeviceProfile
+    from .report import describe_device_profile, describe_profile
+
+    budget, label = (None, None)
+    if item.device_name in local:
+        budget, label = _budget(budget_setting, item.device_type)
+    describe = describe_device_profile if isinstance(item, DeviceProfile) else describe_profile
+    return describe(item, budget, label)
 
 
 def _bench(args: argparse.Namespace) -> int:

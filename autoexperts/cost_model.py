@@ -26,15 +26,30 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .choices import StrEnum
+
 FORMAT_VERSION = 1
+
+
+class Status(StrEnum):
+    """What became of one sweep point (a backend at a token count)."""
+
+    OK = "ok"  # measured
+    OOM = "oom"  # the call ran out of memory
+    ERROR = "error"  # the call raised
+    SKIPPED = "skipped"  # not run: an earlier failure, or over the sweep's memory limit (infeasible)
+    SLOW = "slow"  # not run: far slower than the fastest backend (its latency is extrapolated)
+
+
+# The statuses that make a backend infeasible from that token count up.
+FAILED = (Status.OOM, Status.ERROR, Status.SKIPPED)
 
 
 @dataclass(frozen=True)
 class Measurement:
     """One sweep point: `backend` at `num_tokens`.
 
-    `status` is `"ok"` (measured), `"oom"` or `"error"` (the call failed), `"skipped"` (not run: an earlier failure or
-    the sweep's memory limit; infeasible) or `"slow"` (not run: far slower than the fastest backend; extrapolated).
+    `status` is a `Status`: `"ok"`, `"oom"`, `"error"`, `"skipped"` or `"slow"`.
     """
 
     backend: str
@@ -61,7 +76,7 @@ class Measurement:
         return cls(
             backend=str(record["backend"]),
             num_tokens=int(record["num_tokens"]),
-            status=str(record["status"]),
+            status=Status(record["status"]),
             median_ms=None if record.get("median_ms") is None else float(record["median_ms"]),
             peak_bytes=None if record.get("peak_bytes") is None else int(record["peak_bytes"]),
             times_ms=tuple(float(t) for t in record.get("times_ms", ())),
@@ -89,8 +104,8 @@ class CostModel:
         backends = {}
         spreads = []
         for backend, points in by_backend.items():
-            ok = sorted((p for p in points if p.status == "ok"), key=lambda p: p.num_tokens)
-            failed = [p.num_tokens for p in points if p.status in ("oom", "error", "skipped")]
+            ok = sorted((p for p in points if p.status == Status.OK), key=lambda p: p.num_tokens)
+            failed = [p.num_tokens for p in points if p.status in FAILED]
             if not ok:
                 continue
             spreads += [relative_spread(p.times_ms) for p in ok if len(p.times_ms) >= 2]

@@ -31,6 +31,15 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
+def local_device_names() -> dict[str, str]:
+    """This machine's devices as profiles name them, each with its type: the CPU, then every CUDA device."""
+    names = {cpu_model_name(): "cpu"}
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            names.setdefault(torch.cuda.get_device_name(index), "cuda")
+    return names
+
+
 def device_slug(name: str) -> str:
     """A folder-safe form of a device name: `"NVIDIA H100 80GB HBM3"` -> `"nvidia-h100-80gb-hbm3"`."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"

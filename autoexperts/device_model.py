@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .cost_model import Measurement, relative_spread
+from .cost_model import Measurement, Status, relative_spread
 from .layer import LayerSpec
 from .work import LATENCY_FEATURES, MEMORY_FEATURES, SHAPE_FEATURES, feature_matrix
 
@@ -61,7 +61,7 @@ def _ok_points(
     specs, tokens, latency, peaks = [], [], [], []
     for shape in shapes:
         for m in shape.measurements:
-            if m.backend == backend and m.status == "ok" and m.median_ms:
+            if m.backend == backend and m.status == Status.OK and m.median_ms:
                 specs.append(shape.spec)
                 tokens.append(m.num_tokens)
                 latency.append(m.median_ms)
@@ -189,7 +189,7 @@ def _held_out(fits: dict, shape: ShapePoints) -> _HeldOut | None:
     """
     measured: dict[int, dict[str, float]] = {}
     for m in shape.measurements:
-        if m.status == "ok" and m.backend in fits:
+        if m.status == Status.OK and m.backend in fits:
             measured.setdefault(m.num_tokens, {})[m.backend] = m.median_ms
     if not measured:
         return None
@@ -305,7 +305,7 @@ class DeviceModel:
             relative_spread(m.times_ms)
             for shape in shapes
             for m in shape.measurements
-            if m.status == "ok" and len(m.times_ms) >= 2
+            if m.status == Status.OK and len(m.times_ms) >= 2
         ]
         noise = float(np.median(spreads)) if spreads else 0.0
         return cls(

@@ -413,7 +413,7 @@ def reset() -> None:
     """Forgets every decision table, so the next call of each layer looks for profiles and budgets anew."""
     with _lock:
         _tables.clear()
-        selection.forget_warnings()
+        selection.forget()
         _epoch[0] += 1
 
 

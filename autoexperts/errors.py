@@ -1,9 +1,18 @@
 """Error and warning types: bad input (the CLI prints its message on one line and exits with status 2), an
-interrupted calibration, and the warnings about profiles that `auto` could not use as they are; and where such a
-warning should point (`user_stacklevel`)."""
+interrupted calibration, and the warnings about profiles that `auto` could not use as they are; where such a warning
+should point (`user_stacklevel`), and `warn_once`, which every warning the user can act on goes through."""
 
+import logging
 import os
 import sys
+import threading
+import warnings
+from collections.abc import Hashable
+
+logger = logging.getLogger(__name__)
+
+_warned_lock = threading.Lock()
+_warned: set[tuple[str, Hashable]] = set()
 
 
 class UsageError(ValueError):
@@ -78,3 +87,20 @@ def user_stacklevel() -> int:
         frame = frame.f_back
         level += 1
     return level if frame is not None else 1
+
+
+def warn_once(category: type[Warning], key: Hashable, message: str) -> None:
+    """Warns with `message` once per process for `(category, key)`, pointing at the user's line, and logs it at
+    INFO. A Python warning (shown by default, filterable) rather than a log record: the user can act on it."""
+    with _warned_lock:
+        if (category.__name__, key) in _warned:
+            return
+        _warned.add((category.__name__, key))
+    warnings.warn(message, category, stacklevel=user_stacklevel())
+    logger.info("%s", message)
+
+
+def forget_warnings() -> None:
+    """Lets every `warn_once` warning be given again (`autoexperts.reset()` calls it)."""
+    with _warned_lock:
+        _warned.clear()

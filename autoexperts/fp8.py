@@ -15,9 +15,8 @@ import logging
 
 import torch
 
-from .errors import ProfileMissingWarning
+from .errors import ProfileMissingWarning, warn_once
 from .layer import AUTO, EAGER, GROUPED_MM, eager_forward
-from .profile import warn_once
 
 logger = logging.getLogger(__name__)
 

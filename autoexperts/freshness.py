@@ -14,8 +14,10 @@ import numpy as np
 import torch
 import transformers
 
+from . import settings
 from .allocator import allocator_settings, regime
 from .device import gpu_driver_version
+from .errors import StaleProfileWarning, warn_once
 
 # The versions compared for staleness, as recorded under the profile's "versions".
 STALENESS_LIBRARIES = ("torch", "transformers")
@@ -64,3 +66,30 @@ def stale_reasons(record: dict) -> list[str]:
         if recorded != running:
             reasons.append(f"allocator settings {recorded} (running {running})")
     return reasons
+
+
+def admit_stale(what: str, json_path, stale: list[str], policy: str, command: str) -> bool:
+    """Whether a file measured with other software (`stale`: its `stale_reasons`, empty when it is fresh) may be
+    used under `policy` (`settings.STALE_USE` or `settings.STALE_FALLBACK`). A stale one gets one
+    `StaleProfileWarning` saying so, whether it is used or skipped, with the command that recalibrates it.
+
+    Args:
+        what (`str`): what the file is, in words (`"profile"`, `"device model"`).
+        command (`str`): the command that measures it again here.
+    """
+    if not stale:
+        return True
+    skipping = policy == settings.STALE_FALLBACK
+    verdict = (
+        f"skipping it ({settings.STALE_PROFILES_ENV}={settings.STALE_FALLBACK})"
+        if skipping
+        else f"using it anyway ({settings.STALE_PROFILES_ENV}={settings.STALE_USE}; set it to "
+        f"{settings.STALE_FALLBACK} to skip stale files)"
+    )
+    warn_once(
+        StaleProfileWarning,
+        str(json_path),
+        f"autoexperts: {what} {json_path} is stale: measured with {', '.join(stale)}; {verdict}. "
+        f"Recalibrate with: {command}",
+    )
+    return not skipping

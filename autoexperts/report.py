@@ -57,6 +57,14 @@ def describe_replacement(profile: Profile) -> str | None:
     )
 
 
+# What the budget line says for a file of another machine's device (its free memory is not this machine's to read).
+NO_BUDGET = "none applied: another machine's device"
+
+
+def _budget_text(budget_bytes: float | None, budget_label: str | None) -> str:
+    return NO_BUDGET if budget_bytes is None else f"{format_bytes(budget_bytes)} ({budget_label})"
+
+
 def profile_table(profile: Profile, budget_bytes: float) -> DecisionTable:
     """The decision table `auto` builds from `profile` in this process under `budget_bytes`."""
     return build_profile_table(profile.spec, profile.cost_model, registered_backends(), budget_bytes)
@@ -92,8 +100,9 @@ def _routing(record) -> str:
         return f"unreadable ({type(error).__name__}: {error})"
 
 
-def describe_profile(profile: Profile, budget_bytes: float, budget_label: str) -> str:
-    """The header, the decision table, and the predictions at every measured token count."""
+def describe_profile(profile: Profile, budget_bytes: float | None, budget_label: str | None) -> str:
+    """The header, the decision table, and the predictions at every measured token count (`budget_bytes` `None`:
+    no memory budget applies, as for a profile of another machine's device)."""
     spec, meta = profile.spec, profile.metadata
     versions = meta.get("versions", {})
     sweep = meta.get("sweep", {})
@@ -107,7 +116,7 @@ def describe_profile(profile: Profile, budget_bytes: float, budget_label: str) -
         f"measured  {meta.get('created', '?')} with torch {versions.get('torch', '?')}, "
         f"transformers {versions.get('transformers', '?')}"
         + (f", in {sweep['wall_seconds']:.1f} s" if "wall_seconds" in sweep else ""),
-        f"budget    {format_bytes(budget_bytes)} ({budget_label})",
+        f"budget    {_budget_text(budget_bytes, budget_label)}",
         f"model     {_model_source(profile.model_source)}",
     ]
     parallel = meta.get("parallel") or {}
@@ -122,7 +131,7 @@ def describe_profile(profile: Profile, budget_bytes: float, budget_label: str) -
     if profile.stale:
         lines.append(f"STALE     measured with {', '.join(profile.stale)}: recalibrate to refresh it")
     lines.append("")
-    table = profile_table(profile, budget_bytes)
+    table = profile_table(profile, math.inf if budget_bytes is None else budget_bytes)
     regions = [[_range(r.first, r.last), r.backend, r.source] for r in table.regions]
     lines += _aligned([["tokens", "backend", "source"], *regions])
 
@@ -142,7 +151,7 @@ def describe_profile(profile: Profile, budget_bytes: float, budget_label: str) -
     return "\n".join(lines)
 
 
-def describe_device_profile(profile, budget_bytes: float, budget_label: str) -> str:
+def describe_device_profile(profile, budget_bytes: float | None, budget_label: str | None) -> str:
     """A device model: what it was measured on, each form's leave-one-shape-out result, and the decision table it
     predicts for every design shape.
 
@@ -162,7 +171,8 @@ def describe_device_profile(profile, budget_bytes: float, budget_label: str) -> 
         f"measured      {meta.get('created', '?')} with torch {versions.get('torch', '?')}, transformers "
         f"{versions.get('transformers', '?')}: {len(profile.shapes)} shapes, {points} points"
         + (f", in {sweep['wall_seconds']:.1f} s" if "wall_seconds" in sweep else ""),
-        f"budget        {format_bytes(budget_bytes)} ({budget_label})",
+        f"budget        {_budget_text(budget_bytes, budget_label)}",
+        f"model         {_model_source(profile.model_source)}",
     ]
     allocator = meta.get("device", {}).get("allocator_settings")
     if allocator:
@@ -197,7 +207,8 @@ def describe_device_profile(profile, budget_bytes: float, budget_label: str) -> 
     rows = [["experts", "hidden", "intermediate", "top_k", "layout", "table"]]
     for shape in profile.shapes:
         spec = shape.spec
-        table = device_model_table(spec, profile.model.for_spec(spec), registered_backends(), budget_bytes)
+        budget = math.inf if budget_bytes is None else budget_bytes
+        table = device_model_table(spec, profile.model.for_spec(spec), registered_backends(), budget)
         layout = ("gated" if spec.has_gate else "ungated") + (", transposed + bias" if spec.is_transposed else "")
         regions = ", ".join(
             f"{_range(r.first, r.last)} {r.backend}" + (" (over budget)" if r.source == "over_budget" else "")

@@ -26,12 +26,12 @@ import threading
 import torch
 
 from . import profile as profiles
-from . import settings
+from . import settings, store
 from .capabilities import unrunnable_backends
 from .choices import CALIBRATION_MODES, DEFAULT, EXPORT, NONE
 from .cost_model import CostModel
 from .device import device_name
-from .errors import ProfileMissingWarning
+from .errors import ProfileMissingWarning, forget_warnings, warn_once
 from .expert_parallel import calibrate_args, expert_shards
 from .layer import BATCHED_MM, DEFAULT_BACKENDS, EAGER, GROUPED_MM, LayerSpec, layout_flags, registered_backends
 from .table import DecisionTable, Region, build_profile_table
@@ -146,7 +146,7 @@ def select(key: LayerKey, budget_bytes: float) -> Selection:
     name = device_name(key.device)
     stale_policy = settings.stale_profiles_policy()
     for profile_mode in profile_modes(compile_mode):
-        profile = profiles.find_profile(spec, name, profile_mode, profiles.search_dirs(), stale_policy=stale_policy)
+        profile = profiles.find_profile(spec, name, profile_mode, store.search_dirs(), stale_policy=stale_policy)
         if profile is None or not set(candidates) & set(profile.cost_model.backends):
             continue
         logger.info("auto: %s (compile mode %s) uses profile %s", spec.describe(), compile_mode, profile.json_path)
@@ -167,7 +167,7 @@ def select(key: LayerKey, budget_bytes: float) -> Selection:
     _warn_once(
         key,
         f"autoexperts: no profile for {spec.describe()} on {name} (compile mode {compile_mode}) in "
-        f"{', '.join(str(d) for d in profiles.search_dirs())} and no device model; using the fallback rule. "
+        f"{', '.join(str(d) for d in store.search_dirs())} and no device model; using the fallback rule. "
         + calibrate_hint(key)
         + f" (or the whole device, for every shape: {device_model_command(key)})",
     )
@@ -188,10 +188,10 @@ def _device_model_selection(
         return None
     stale_policy = settings.stale_profiles_policy()
     for profile_mode in profile_modes(key.compile_mode):
-        cache_key = (name, spec.dtype, profile_mode, tuple(profiles.search_dirs()), stale_policy)
+        cache_key = (name, spec.dtype, profile_mode, tuple(store.search_dirs()), stale_policy)
         if cache_key not in _device_models:
             _device_models[cache_key] = find_device_profile(
-                name, spec.dtype, profile_mode, profiles.search_dirs(), stale_policy
+                name, spec.dtype, profile_mode, store.search_dirs(), stale_policy
             )
         device_profile = _device_models[cache_key]
         if device_profile is None or not set(candidates) & set(device_profile.model.backends):
@@ -280,8 +280,8 @@ def fallback_table(spec: LayerSpec, candidates: list[str], budget_bytes: float) 
     if spec.device_type != "cuda" or BATCHED_MM not in candidates:
         return DecisionTable(spec, [Region(1, math.inf, default, "fallback")], budget_bytes)
     # batched_mm gathers one expert's weights per (token, top-k) slot.
-    fits_budget = int(budget_bytes // (spec.top_k * spec.expert_bytes))
-    batched_max = min(FALLBACK_BATCHED_MAX_TOKENS, fits_budget)
+    fits_budget = budget_bytes // (spec.top_k * spec.expert_bytes) if math.isfinite(budget_bytes) else math.inf
+    batched_max = int(min(FALLBACK_BATCHED_MAX_TOKENS, fits_budget))
     if batched_max < 1:
         return DecisionTable(spec, [Region(1, math.inf, default, "fallback")], budget_bytes)
     regions = [Region(1, batched_max, BATCHED_MM, "fallback"), Region(batched_max + 1, math.inf, default, "fallback")]
@@ -306,11 +306,11 @@ def calibrate_hint(key: LayerKey) -> str:
 
 def _warn_once(key: LayerKey, message: str) -> None:
     """Warns once per layer spec and compile mode (until `autoexperts.reset()`); the user can fix it by calibrating."""
-    profiles.warn_once(ProfileMissingWarning, (key.spec, key.compile_mode), message)
+    warn_once(ProfileMissingWarning, (key.spec, key.compile_mode), message)
 
 
-def forget_warnings() -> None:
+def forget() -> None:
     """Lets every missing-profile warning be given again and device models be read anew (`autoexperts.reset()`)."""
     with _device_models_lock:
         _device_models.clear()
-    profiles.forget_warnings()
+    forget_warnings()

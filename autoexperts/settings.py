@@ -26,7 +26,9 @@ PROFILE_DIR_ENV = "AUTOEXPERTS_PROFILE_DIR"
 MEMORY_BUDGET_ENV = "AUTOEXPERTS_MEMORY_BUDGET"
 LOG_ENV = "AUTOEXPERTS_LOG"
 STALE_PROFILES_ENV = "AUTOEXPERTS_STALE_PROFILES"
-STALE_POLICIES = ("use", "fallback")
+# What `auto` does with a stale profile: use it (with a warning), or skip it for the next source.
+STALE_USE, STALE_FALLBACK = "use", "fallback"
+STALE_POLICIES = (STALE_USE, STALE_FALLBACK)
 
 DEFAULT_MEMORY_BUDGET = "0.8"
 
@@ -155,7 +157,7 @@ def stale_profiles_policy() -> str:
     Raises:
         `ValueError`: naming the variable, when its value is neither.
     """
-    value = os.environ.get(STALE_PROFILES_ENV, "").strip().lower() or STALE_POLICIES[0]
+    value = os.environ.get(STALE_PROFILES_ENV, "").strip().lower() or STALE_USE
     if value not in STALE_POLICIES:
         raise ValueError(
             f"{STALE_PROFILES_ENV}: {os.environ[STALE_PROFILES_ENV]!r} is not one of {', '.join(STALE_POLICIES)}"

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from autoexperts.cost_model import Status
+
 
 def measured_by_tokens(measurements: Iterable) -> dict[int, dict[str, tuple[str, float | None]]]:
     """`count -> backend -> (status, median ms)` of a calibration's measurements, at the counts where some backend
@@ -15,7 +17,7 @@ def measured_by_tokens(measurements: Iterable) -> dict[int, dict[str, tuple[str,
     by_tokens: dict[int, dict[str, tuple[str, float | None]]] = {}
     for m in measurements:
         by_tokens.setdefault(m.num_tokens, {})[m.backend] = (m.status, m.median_ms)
-    return {n: p for n, p in sorted(by_tokens.items()) if any(s == "ok" and ms for s, ms in p.values())}
+    return {n: p for n, p in sorted(by_tokens.items()) if any(s == Status.OK and ms for s, ms in p.values())}
 
 
 def write_result(result: dict, text: str, out: Path | None) -> None:

@@ -189,7 +189,8 @@ def run_measured_check(device_model_path: Path, profiles_dir: Path) -> dict:
     """Checks a device model against every exact-shape profile of its device, dtype and compile mode in
     `profiles_dir` (see the module docstring); nothing is timed."""
     from autoexperts.device_profile import load_device_profile
-    from autoexperts.profile import load_profile, profile_files
+    from autoexperts.profile import load_profile
+    from autoexperts.store import profile_files
 
     device_profile = load_device_profile(device_model_path)
     budget = device_profile.metadata["sweep"]["memory_limit_bytes"]

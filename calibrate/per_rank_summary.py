@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from autoexperts.cost_model import Status
 from autoexperts.dispatch import memory_budget_bytes
 from autoexperts.profile import load_profile
 from autoexperts.report import describe_parallel, profile_table
@@ -29,7 +30,7 @@ def _row(json_path: Path) -> list[str]:
     )
     by_tokens = measured_by_tokens(profile.measurements)
     # Over the counts where every backend was timed: each fixed backend's total against the fastest's.
-    common = [p for p in by_tokens.values() if all(p.get(b, ("", None))[0] == "ok" for b in BACKENDS)]
+    common = [p for p in by_tokens.values() if all(p.get(b, ("", None))[0] == Status.OK for b in BACKENDS)]
     oracle = sum(min(p[b][1] for b in BACKENDS) for p in common)
     ratios = " / ".join(f"{sum(p[b][1] for p in common) / oracle:.2f}" for b in BACKENDS) if common else "—"
     counts = f"{min(by_tokens)}–{max(by_tokens)}" if by_tokens else "—"

@@ -23,6 +23,8 @@ import logging
 import sys
 from pathlib import Path
 
+from autoexperts.cost_model import Status
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,7 +43,7 @@ RATIO_TOKENS = (16, 64, 256, 1024, 4096)
 
 def _eager_over_grouped(measurements: list[dict]) -> dict[str, float]:
     """`eager / grouped_mm` of a calibration's medians at `RATIO_TOKENS` (where both were timed)."""
-    medians = {(m["backend"], m["num_tokens"]): m.get("median_ms") for m in measurements if m["status"] == "ok"}
+    medians = {(m["backend"], m["num_tokens"]): m.get("median_ms") for m in measurements if m["status"] == Status.OK}
     return {
         str(n): medians[("eager", n)] / medians[("grouped_mm", n)]
         for n in RATIO_TOKENS

@@ -17,10 +17,11 @@ from pathlib import Path
 
 from autoexperts.bench.analysis import pick_ms
 from autoexperts.calibration.adaptive import crossover_tokens
-from autoexperts.cost_model import CostModel
+from autoexperts.cost_model import CostModel, Status
 from autoexperts.device_profile import load_device_profile
-from autoexperts.profile import load_profile, profile_files
+from autoexperts.profile import load_profile
 from autoexperts.selection import device_model_table, runnable_backends
+from autoexperts.store import profile_files
 from autoexperts.table import build_profile_table
 
 from checks import measured_by_tokens, write_result
@@ -29,7 +30,7 @@ from checks import measured_by_tokens, write_result
 def _total(table, measured: dict[int, dict[str, tuple[str, float | None]]]) -> tuple[float, float]:
     """The measured total of `table`'s choices over `measured` (`measured_by_tokens`), and the oracle's."""
     chosen = sum(pick_ms(points, table.region_for(n).backend) for n, points in measured.items())
-    oracle = sum(min(ms for s, ms in points.values() if s == "ok" and ms) for points in measured.values())
+    oracle = sum(min(ms for s, ms in points.values() if s == Status.OK and ms) for points in measured.values())
     return chosen, oracle
 
 

@@ -272,10 +272,10 @@ def _checkpoint_of_default_preset(out):
     from autoexperts.calibration.experts_layer import build_experts_layer
     from autoexperts.calibration.model_source import resolve_model
     from autoexperts.device import device_name
-    from autoexperts.profile import profile_path
+    from autoexperts.store import file_target
 
     spec = build_experts_layer(resolve_model(None).config, torch.device("meta"), torch.float32).spec
-    return checkpoint_path(profile_path(out, device_name(torch.device("cpu")), spec.file_stem("none")))
+    return checkpoint_path(file_target(out, device_name(torch.device("cpu")), spec.file_stem("none")))
 
 
 @pytest.mark.parametrize(

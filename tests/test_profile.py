@@ -10,7 +10,7 @@ import joblib
 import numpy as np
 import pytest
 
-from autoexperts import profile as profiles
+from autoexperts import store
 from autoexperts.errors import ProfileRefitWarning, ProfileSkippedWarning, ProfileWarning, StaleProfileWarning
 from autoexperts.freshness import stale_reasons
 from autoexperts.layer import LayerSpec
@@ -138,8 +138,8 @@ def test_damaged_joblib_is_refit_with_one_warning(trusted, damage, reason):
     damage(json_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loaded = find_profile(SPEC, profile.device_name, "none", profiles.search_dirs())
-        find_profile(SPEC, profile.device_name, "none", profiles.search_dirs())  # a second look warns no more
+        loaded = find_profile(SPEC, profile.device_name, "none", store.search_dirs())
+        find_profile(SPEC, profile.device_name, "none", store.search_dirs())  # a second look warns no more
     messages = _profile_warnings(caught)
     assert len(messages) == 1 and str(json_path) in messages[0] and reason in messages[0], messages
     assert loaded is not None and loaded.model_source.startswith("refit")
@@ -165,7 +165,7 @@ def test_inconsistent_sklearn_version_warning_means_refit(trusted, monkeypatch):
         )
         return real_load(source)
 
-    monkeypatch.setattr(joblib, "load", load_with_warning)  # profile.py imports joblib when it loads a model
+    monkeypatch.setattr(joblib, "load", load_with_warning)  # store.py imports joblib when it loads a model
     with pytest.warns(ProfileRefitWarning, match="InconsistentVersionWarning"):
         loaded = load_profile(json_path)
     assert loaded.model_source.startswith("refit")
@@ -188,8 +188,8 @@ def test_foreign_or_future_profile_is_skipped_with_one_warning(trusted, changes,
     rewrite_record(json_path, **changes)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert find_profile(SPEC, profile.device_name, "none", profiles.search_dirs()) is None
-        assert find_profile(SPEC, profile.device_name, "none", profiles.search_dirs()) is None
+        assert find_profile(SPEC, profile.device_name, "none", store.search_dirs()) is None
+        assert find_profile(SPEC, profile.device_name, "none", store.search_dirs()) is None
     messages = _profile_warnings(caught)
     assert len(messages) == 1 and str(json_path) in messages[0] and reason in messages[0], messages
 
@@ -199,7 +199,7 @@ def test_profiles_of_other_layers_elsewhere_are_passed_over_silently(profile_dir
     save_profile(synthetic_profile(other, CROSSOVER_CURVES), profile_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert find_profile(SPEC, synthetic_profile(SPEC, {}).device_name, "none", profiles.search_dirs()) is None
+        assert find_profile(SPEC, synthetic_profile(SPEC, {}).device_name, "none", store.search_dirs()) is None
     assert _profile_warnings(caught) == []
 
 
@@ -216,7 +216,7 @@ def _forbid_unpickling(monkeypatch):
 def test_profile_outside_trusted_folders_is_refit_not_unpickled(saved, profile_dir, monkeypatch):
     profile, json_path = saved  # under tmp_path, not under the configured profile folder
     _forbid_unpickling(monkeypatch)
-    assert not profiles.is_trusted(json_path)
+    assert not store.is_trusted(json_path)
     loaded = load_profile(json_path)
     assert loaded.model_source == "refit: outside the trusted folders, not unpickled"
     tokens = np.array([1, 9, 500])
@@ -238,7 +238,7 @@ def test_symlink_out_of_the_trusted_folder_is_not_followed(saved, profile_dir, m
     profile_dir.mkdir(parents=True, exist_ok=True)
     (profile_dir / json_path.parent.name).symlink_to(json_path.parent, target_is_directory=True)
     _forbid_unpickling(monkeypatch)
-    found = find_profile(SPEC, profile.device_name, "none", profiles.search_dirs())
+    found = find_profile(SPEC, profile.device_name, "none", store.search_dirs())
     assert found is not None and found.model_source.startswith("refit: outside")
 
 
@@ -284,7 +284,7 @@ def test_stale_profile_policy(trusted, policy, used):
     profile, json_path = trusted
     rewrite_record(json_path, versions__torch="0.0.1")
     with pytest.warns(StaleProfileWarning, match=r"torch 0\.0\.1"):
-        found = find_profile(SPEC, profile.device_name, "none", profiles.search_dirs(), stale_policy=policy)
+        found = find_profile(SPEC, profile.device_name, "none", store.search_dirs(), stale_policy=policy)
     assert (found is not None) == used
     if used:
         assert found.stale and found.stale[0].startswith("torch 0.0.1")
@@ -319,12 +319,12 @@ def test_resave_keeps_the_replaced_profile_recoverable(trusted, profile_dir):
     fewer = synthetic_profile(SPEC, CROSSOVER_CURVES, tokens=(1, 2))
     assert save_profile(fewer, profile_dir) == json_path
     backup = json_path.with_name(json_path.stem + ".previous.json")
-    assert fewer.replaced == profiles.Replaced(backup, len(full.measurements), (1, 128))
+    assert fewer.replaced == store.Replaced(backup, len(full.measurements), (1, 128))
     assert _pair(backup) == before  # byte for byte, so renaming both back restores the old profile exactly
 
     # auto's search and show's listing read the new profile only; the backup loads on its own, from its own joblib.
-    assert profiles.profile_files(profiles.search_dirs()) == [json_path]
-    found = find_profile(SPEC, fewer.device_name, "none", profiles.search_dirs())
+    assert store.profile_files(store.search_dirs()) == [json_path]
+    found = find_profile(SPEC, fewer.device_name, "none", store.search_dirs())
     assert found.json_path == json_path and found.measurements == fewer.measurements
     with warnings.catch_warnings():
         warnings.simplefilter("error", ProfileWarning)
@@ -335,7 +335,7 @@ def test_resave_keeps_the_replaced_profile_recoverable(trusted, profile_dir):
     backup.with_suffix(".joblib").replace(json_path.with_suffix(".joblib"))
     with warnings.catch_warnings():
         warnings.simplefilter("error", ProfileWarning)
-        restored = find_profile(SPEC, fewer.device_name, "none", profiles.search_dirs())
+        restored = find_profile(SPEC, fewer.device_name, "none", store.search_dirs())
     assert restored.model_source == "joblib" and restored.measurements == full.measurements
 
 
@@ -410,7 +410,7 @@ def test_interrupted_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
     def interrupted_fsync(_fd):
         raise KeyboardInterrupt  # Ctrl-C after the new bytes went to the temporary file
 
-    monkeypatch.setattr(profiles.os, "fsync", interrupted_fsync)
+    monkeypatch.setattr(store.os, "fsync", interrupted_fsync)
     with pytest.raises(KeyboardInterrupt):
-        profiles.atomic_write_bytes(target, b"new")
+        store.atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old and whole" and [p.name for p in tmp_path.iterdir()] == ["profile.json"]

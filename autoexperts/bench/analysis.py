@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..cost_model import Status
 from ..layer import AUTO, DEFAULT_BACKENDS, GROUPED_MM
 
 FIXED_BACKENDS = tuple(DEFAULT_BACKENDS)
@@ -33,12 +34,12 @@ class ContenderRun:
 
     samples_ms: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
-    status: str = "ok"
+    status: str = Status.OK
     note: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok" and bool(self.samples_ms)
+        return self.status == Status.OK and bool(self.samples_ms)
 
     @property
     def median_ms(self) -> float | None:
@@ -159,11 +160,11 @@ def pick_ms(measured: Mapping[str, tuple[str, float | None]], pick: str) -> floa
     when it was timed, `SLOW_PICK_FACTOR` times the fastest when it had been dropped as slow, else infinity (over the
     memory limit, failed, or not measured)."""
     status, median = measured.get(pick, ("missing", None))
-    if status == "ok" and median:
+    if status == Status.OK and median:
         return median
-    if status != "slow":
+    if status != Status.SLOW:
         return math.inf
-    return SLOW_PICK_FACTOR * min(ms for s, ms in measured.values() if s == "ok" and ms)
+    return SLOW_PICK_FACTOR * min(ms for s, ms in measured.values() if s == Status.OK and ms)
 
 
 def choice_totals(points: list[PointResult], choices: dict[str, list[str]]) -> dict:

@@ -19,7 +19,7 @@ import torch
 from ..calibration.experts_layer import ExpertsLayer, routed_inputs
 from ..calibration.memory import peak_call_bytes
 from ..calibration.routing import Routing
-from ..cost_model import CostModel
+from ..cost_model import CostModel, Status
 from ..dispatch import auto_experts_forward, decision_table
 from ..layer import AUTO, BATCHED_MM, backend_forward
 from ..timing import interleaved_rounds, repeats_for, timed_call_ms
@@ -121,7 +121,7 @@ def run_layer_sweep(
         for name, call in calls.items():
             reason = dropped.get(name) or guard.reason(name, num_tokens)
             if reason is not None:
-                status = "slow" if name in dropped else "skipped"
+                status = Status.SLOW if name in dropped else Status.SKIPPED
                 runs[name] = ContenderRun(status=status, note=reason)
                 continue
             active[name] = lambda call=call, inputs=inputs: call(module, *inputs)

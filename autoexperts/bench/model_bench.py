@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from ..calibration.memory import peak_call_bytes
+from ..cost_model import Status
 from ..decisions import record_decisions
 from ..errors import UsageError
 from ..layer import AUTO, GROUPED_MM, is_experts_module
@@ -114,7 +115,7 @@ def _time_contenders(
     for name, call in calls.items():
         if name != AUTO and probe_ms[name] >= timing.slow_factor * fastest:
             note = f"one call {probe_ms[name]:.4g} ms, {probe_ms[name] / fastest:.1f}x the fastest; not timed further"
-            runs[name] = ContenderRun(status="slow", note=note)
+            runs[name] = ContenderRun(status=Status.SLOW, note=note)
             continue
         model.set_experts_implementation(name)
         tracked = track_auto_memory or name != AUTO
@@ -158,7 +159,7 @@ def run_forward_points(
         for name in CONTENDERS:
             reason = guard.reason(name, point.num_tokens)
             if reason is not None:
-                runs[name] = ContenderRun(status="skipped", note=reason)
+                runs[name] = ContenderRun(status=Status.SKIPPED, note=reason)
             else:
                 calls[name] = lambda input_ids=input_ids: forward(input_ids=input_ids, use_cache=False).logits
         compiled = forward is not model
@@ -226,7 +227,7 @@ def run_generation(
     for name in (GROUPED_MM, *(b for b in FIXED_BACKENDS if b != GROUPED_MM), AUTO):
         reason = guard.reason(name, batch * prompt_length)
         if reason is not None:
-            runs[name] = ContenderRun(status="skipped", note=f"prefill: {reason}")
+            runs[name] = ContenderRun(status=Status.SKIPPED, note=f"prefill: {reason}")
             continue
 
         def call(name=name):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..cost_model import Status
 from .analysis import FIXED_BACKENDS
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,9 @@ def write_plot(results: dict, path: Path) -> bool:
 
     figure, axes = plt.subplots(figsize=(8, 5), dpi=120)
     for backend in FIXED_BACKENDS:
-        measured = [m for m in calibration.get("measurements", []) if m["backend"] == backend and m["status"] == "ok"]
+        measured = [
+            m for m in calibration.get("measurements", []) if m["backend"] == backend and m["status"] == Status.OK
+        ]
         if measured:
             axes.plot(
                 [m["num_tokens"] for m in measured], [m["median_ms"] for m in measured], "-", color=COLORS[backend],

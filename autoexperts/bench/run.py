@@ -33,8 +33,9 @@ from ..device import cpu_model_name, device_name, device_slug, free_memory_bytes
 from ..dispatch import decision_table
 from ..errors import UsageError
 from ..freshness import library_versions
-from ..profile import Profile, find_profile, search_dirs
+from ..profile import Profile, find_profile
 from ..report import profile_table
+from ..store import search_dirs
 from .analysis import FIXED_BACKENDS, choice_totals, headline_figures, sweep_summary
 from .layer_sweep import MemoryGuard, TimingOptions, held_out_tokens, run_layer_sweep
 from .model_bench import build_bench_model, forward_points, run_forward_points, run_generation

@@ -58,8 +58,8 @@ def crossover_tokens(table, grid: Sequence[int] | None = None) -> list[int]:
 def device_model_tokens(spec: LayerSpec, device_name: str, compile_mode: str, candidates: list[str], budget: float):
     """The counts to measure for `spec`, and the device model that chose them; `(None, None)` without one."""
     from ..device_profile import find_device_profile
-    from ..profile import search_dirs
     from ..selection import device_model_table
+    from ..store import search_dirs
 
     found = find_device_profile(device_name, spec.dtype, compile_mode, search_dirs())
     if found is None or not set(candidates) & set(found.model.backends):

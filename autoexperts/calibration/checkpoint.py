@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..cost_model import Measurement
 from ..errors import UsageError
-from ..profile import atomic_write_bytes
+from ..store import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from ..device_profile import DeviceProfile, device_model_stem, save_device_profi
 from ..errors import CalibrationInterrupted, UsageError
 from ..freshness import library_versions
 from ..layer import DEFAULT_BACKENDS
-from ..profile import atomic_write_bytes, default_write_dir, profile_path
 from ..selection import runnable_backends
+from ..store import atomic_write_bytes, default_write_dir, file_target
 from .design import DESIGN_SHAPES, build_design_layer, matmul_flops_per_second, scale_to_fit, token_counts
 from .run import resolve_device, resolve_dtype, runnable_for_shape
 from .sweep import SweepOptions, run_sweep
@@ -71,7 +71,7 @@ def calibrate_device_model(
     backends = runnable_backends(list(DEFAULT_BACKENDS), compile_mode, torch_device.type)
     folder = Path(out) if out is not None else default_write_dir()
     name = device_name(torch_device)
-    target = profile_path(folder, name, device_model_stem(dtype_name, compile_mode))
+    target = file_target(folder, name, device_model_stem(dtype_name, compile_mode))
     checkpoint = target.with_suffix(".checkpoint")
 
     started = time.perf_counter()

@@ -23,8 +23,9 @@ from ..expert_parallel import ALL_REDUCE, parallel_layer, resolve_ep_implementat
 from ..freshness import library_versions
 from ..layer import DEFAULT_BACKENDS, registered_backends
 from ..locking import file_lock
-from ..profile import Profile, default_write_dir, load_profile, profile_path, save_profile
+from ..profile import Profile, load_profile, save_profile
 from ..selection import runnable_backends
+from ..store import default_write_dir, file_target
 from .adaptive import device_model_tokens
 from .checkpoint import checkpoint_path, read_checkpoint, write_checkpoint
 from .experts_layer import build_experts_layer
@@ -178,7 +179,7 @@ def calibrate(
     backends = runnable_for_shape(layer.spec, list(backends))
     routing = routing.for_shape(layer.spec.num_experts * layer.spec.expert_shards, layer.spec.top_k)
     name = device_name(torch_device)
-    target = profile_path(folder, name, layer.spec.file_stem(compile_mode))  # without suffix
+    target = file_target(folder, name, layer.spec.file_stem(compile_mode))  # without suffix
     waiting_since, launch = time.time(), launch_id()
     with calibration_lock(target):
         measured_meanwhile = _measured_meanwhile(target.with_name(f"{target.name}.json"), waiting_since, launch)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..cost_model import Measurement
+from ..cost_model import Measurement, Status
 from ..layer import backend_forward
 from ..timing import interleaved_rounds, repeats_for, timed_call_ms
 from .experts_layer import ExpertsLayer, routed_inputs
@@ -130,7 +130,7 @@ def _release_memory(device: torch.device) -> None:
 
 def _predicted_peak(points: list[Measurement], num_tokens: int) -> float | None:
     """Affine extrapolation of a backend's measured peaks to `num_tokens` (None with fewer than two points)."""
-    measured = [(p.num_tokens, p.peak_bytes) for p in points if p.status == "ok" and p.peak_bytes is not None]
+    measured = [(p.num_tokens, p.peak_bytes) for p in points if p.status == Status.OK and p.peak_bytes is not None]
     if len(measured) < 2:
         return None
     (n0, b0), (n1, b1) = measured[-2], measured[-1]
@@ -167,7 +167,7 @@ def _measure_point(
         except Exception as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
             failures[backend] = (
-                "oom" if _is_out_of_memory(error) else "error",
+                Status.OOM if _is_out_of_memory(error) else Status.ERROR,
                 f"{type(error).__name__}: {first_line}",
             )
             _release_memory(device)
@@ -187,13 +187,15 @@ def _measure_again(
 ) -> dict[str, float]:
     """Measures the backends that ran at `num_tokens` again, replaces their points in `results` and returns their
     new medians."""
-    ran = [m.backend for m in results if m.num_tokens == num_tokens and m.status == "ok"]
+    ran = [m.backend for m in results if m.num_tokens == num_tokens and m.status == Status.OK]
     inputs = routed_inputs(layer.spec, num_tokens, device, dtype, options.seed, options.routing)
     times, peaks, _ = _measure_point(functions, memory_functions, layer.module, inputs, ran, device, options)
     for i, m in enumerate(results):
         if m.num_tokens == num_tokens and m.backend in times:
             median = statistics.median(times[m.backend])
-            results[i] = Measurement(m.backend, num_tokens, "ok", median, peaks[m.backend], tuple(times[m.backend]))
+            results[i] = Measurement(
+                m.backend, num_tokens, Status.OK, median, peaks[m.backend], tuple(times[m.backend])
+            )
     return {b: statistics.median(t) for b, t in times.items()}
 
 
@@ -211,8 +213,10 @@ def run_sweep(
     done = {(m.backend, m.num_tokens) for m in results}
     stopped: dict[str, tuple[str, str]] = {}  # backend -> (status of its later points, why it left the sweep)
     for m in results:
-        if m.status != "ok":
-            stopped.setdefault(m.backend, ("slow" if m.status == "slow" else "skipped", m.error or m.status))
+        if m.status != Status.OK:
+            stopped.setdefault(
+                m.backend, (Status.SLOW if m.status == Status.SLOW else Status.SKIPPED, m.error or m.status)
+            )
     slow_streak = dict.fromkeys(options.backends, 0)
     previous_tokens, previous_medians = 0, {}  # the last count measured here and its backends' medians
 
@@ -234,7 +238,7 @@ def run_sweep(
                     predicted = _predicted_peak([m for m in results if m.backend == backend], num_tokens)
                     if predicted is not None and predicted > options.memory_limit_bytes:
                         stop = stopped[backend] = (
-                            "skipped",
+                            Status.SKIPPED,
                             f"predicted peak {predicted / 2**30:.2f} GiB exceeds the sweep's memory limit "
                             f"{options.memory_limit_bytes / 2**30:.2f} GiB",
                         )
@@ -272,19 +276,19 @@ def run_sweep(
             for backend, (status, message) in failures.items():
                 logger.info("%s failed at %d tokens (%s); it leaves the sweep", backend, num_tokens, message)
                 results.append(Measurement(backend, num_tokens, status, error=message))
-                stopped[backend] = ("skipped", f"{status} at {num_tokens} tokens")
+                stopped[backend] = (Status.SKIPPED, f"{status} at {num_tokens} tokens")
                 active.remove(backend)
                 bar.update()
             fastest = min(medians.values(), default=None)
             for backend in active:
                 results.append(
-                    Measurement(backend, num_tokens, "ok", medians[backend], peaks[backend], tuple(times[backend]))
+                    Measurement(backend, num_tokens, Status.OK, medians[backend], peaks[backend], tuple(times[backend]))
                 )
                 bar.update()
                 slow_streak[backend] = slow_streak[backend] + 1 if _slow(medians[backend], fastest, options) else 0
                 if slow_streak[backend] >= 2:
                     reason = f"at least {options.slow_factor:g}x slower than the fastest backend at two points"
-                    stopped[backend] = ("slow", reason)
+                    stopped[backend] = (Status.SLOW, reason)
                     logger.info("%s leaves the sweep after %d tokens: %s", backend, num_tokens, reason)
             previous_tokens, previous_medians = num_tokens, medians
             # Reference counting frees the inputs; a `gc.collect()` per count cost 0.24 s each (97 s of a 201 s
