@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from . import _registration
 from . import settings as _settings
+from ._registration import register
 from .errors import (
     BackendFailedWarning,
     ProfileMissingWarning,
@@ -57,7 +58,7 @@ _LAZY_MODULES = {
     "allocator": ("pin_cpu_allocator",),
     "capture": ("record_routing",),
     "decisions": ("Decision", "HookHandle", "add_dispatch_hook", "record_decisions"),
-    "dispatch": ("auto_experts_forward", "register", "reset", "set_memory_budget"),
+    "dispatch": ("auto_experts_forward", "reset", "set_memory_budget"),
     "layer": ("DEFAULT_BACKENDS", "LayerSpec"),
     "table": ("Prediction",),
 }
@@ -67,7 +68,7 @@ if TYPE_CHECKING:  # what static tools should see
     from .allocator import pin_cpu_allocator
     from .capture import record_routing
     from .decisions import Decision, HookHandle, add_dispatch_hook, record_decisions
-    from .dispatch import auto_experts_forward, register, reset, set_memory_budget
+    from .dispatch import auto_experts_forward, reset, set_memory_budget
     from .layer import DEFAULT_BACKENDS, LayerSpec
     from .table import Prediction
 

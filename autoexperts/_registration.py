@@ -11,10 +11,10 @@ Python runs the package's `__init__` before any of its modules, `autoexperts.cli
   import that asked for it returns.
 
 Either way, no code can reach a registry without `"auto"` in it. The experts forward lives in `autoexperts.dispatch`,
-which imports the experts registry at its top: when that import is what loads the registry, `"auto"` is registered
-once `autoexperts.dispatch` has finished (the finder watches it too); otherwise the hook imports it. This needs one
-rule of the package: no module that `autoexperts.dispatch` imports may import the registry (or a Transformers model)
-at module level, since it could be half-imported when the hook runs; `tests/test_imports.py` checks it.
+which the hook imports (when the registry is loaded while `autoexperts.dispatch` is being imported, `"auto"` is
+registered once it has finished: the finder watches it too). This needs one rule of the package: no module that
+`autoexperts.dispatch` imports may import the registry (or a Transformers model) at module level, since it could be
+half-imported when the hook runs; `tests/test_imports.py` checks it.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ import logging
 import sys
 from collections.abc import Callable
 
+from .choices import AUTO
+
 logger = logging.getLogger(__name__)
 
-AUTO = "auto"
 EXPERTS_REGISTRY = "transformers.integrations.moe"
 FP8_REGISTRY = "transformers.integrations.finegrained_fp8"
 DISPATCH = "autoexperts.dispatch"
@@ -48,6 +49,13 @@ def install() -> None:
         _experts_registry_loaded()
     if FP8_REGISTRY in sys.modules:
         _register_fp8()
+
+
+def register() -> None:
+    """Registers `"auto"` with Transformers' experts registries now, importing them (idempotent). `import autoexperts`
+    already arranges this; call it after something else replaced the registry's `"auto"` entry."""
+    _register_experts()
+    _register_fp8()
 
 
 def _experts_registry_loaded() -> None:

@@ -2,23 +2,16 @@
 
 The command builds its argument parser from these names, so that `--help` and argument errors answer at once rather
 than after torch and Transformers have loaded (seconds); `import autoexperts` registers `"auto"` by the same rule.
-"""
 
-import enum
+Named strings are plain `str` constants grouped in classes, not `enum` members: they are stored in profiles and
+handed to users (`Decision.source`), who compare, print, pickle and `torch.load(weights_only=True)` them as strings.
+"""
 
 # The experts implementation this package adds to Transformers' registries.
 AUTO = "auto"
 
 
-class StrEnum(str, enum.Enum):
-    """`enum.StrEnum` (Python 3.11+) for Python 3.10: a member is its string wherever a string is expected (equality,
-    hashing, JSON, f-strings), so stored files and user code that compare with plain strings keep working."""
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class CompileMode(StrEnum):
+class CompileMode:
     """The compile mode an experts call runs in: a profile is specific to one (compilation moves the crossovers)."""
 
     NONE = "none"

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from . import settings
-from .choices import BENCH_PARTS, CALIBRATION_MODES, EP_IMPLEMENTATIONS
+from .choices import BENCH_PARTS, CALIBRATION_MODES, EP_IMPLEMENTATIONS, NONE
 from .errors import BackendFailedWarning, CalibrationInterrupted, ProfileWarning, UsageError
 
 logger = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--compile",
         dest="compile_mode",
         choices=CALIBRATION_MODES,
-        default="none",
+        default=NONE,
         help="measure the backends under torch.compile in this mode (dynamic shapes, fullgraph); default: none",
     )
     calibrate.add_argument(
@@ -203,9 +203,7 @@ def _add_bench_parser(commands, verbose: argparse.ArgumentParser) -> None:
     bench.add_argument("--model", help="a preset name, a folder or config.json, or a Hub id (default: small-moe)")
     bench.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
-    bench.add_argument(
-        "--compile", default="none", choices=CALIBRATION_MODES, help="torch.compile mode (default: none)"
-    )
+    bench.add_argument("--compile", default=NONE, choices=CALIBRATION_MODES, help="torch.compile mode (default: none)")
     bench.add_argument("--out", default="autoexperts-bench", help="results folder (default: ./autoexperts-bench)")
     bench.add_argument(
         "--profile-dir", help="use the profiles in this folder instead of calibrating (then calibration is not timed)"

@@ -16,8 +16,7 @@ import logging
 
 import torch
 
-from .choices import CALIBRATION_MODES as CALIBRATION_MODES  # defined without torch, for the command's parser
-from .choices import DEFAULT, EXPORT, NONE
+from .choices import CompileMode
 
 logger = logging.getLogger(__name__)
 
@@ -28,14 +27,14 @@ def traced_compile_mode() -> str:
     Returns `"export"` under `torch.export`, `"none"` when no Dynamo trace is running.
     """
     if torch.compiler.is_exporting():
-        return EXPORT
+        return CompileMode.EXPORT
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
         translator = InstructionTranslator.current_tx()
         compiler = translator.output.compiler_fn
     except Exception:  # not tracing (torch 2.14 raises, 2.11 returns None)
-        return NONE
+        return CompileMode.NONE
     config = None
     for _ in range(8):  # unwrap Dynamo's debug and callback wrappers down to Inductor's
         if compiler is None:
@@ -45,14 +44,9 @@ def traced_compile_mode() -> str:
             break
         compiler = getattr(compiler, "compiler_fn", None) or getattr(compiler, "__wrapped__", None)
     if not isinstance(config, dict):
-        return DEFAULT
+        return CompileMode.DEFAULT
     cudagraphs = bool(config.get("triton.cudagraphs"))
     autotune = bool(config.get("max_autotune"))
     if cudagraphs:
-        return "max-autotune" if autotune else "reduce-overhead"
-    return "max-autotune-no-cudagraphs" if autotune else DEFAULT
-
-
-def is_compiling() -> bool:
-    """Whether Dynamo is tracing the calling code (a constant `True` inside a graph)."""
-    return torch.compiler.is_compiling()
+        return CompileMode.MAX_AUTOTUNE if autotune else CompileMode.REDUCE_OVERHEAD
+    return CompileMode.MAX_AUTOTUNE_NO_CUDAGRAPHS if autotune else CompileMode.DEFAULT

@@ -26,12 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .choices import StrEnum
-
 FORMAT_VERSION = 1
 
 
-class Status(StrEnum):
+class Status:
     """What became of one sweep point (a backend at a token count)."""
 
     OK = "ok"  # measured
@@ -43,13 +41,16 @@ class Status(StrEnum):
 
 # The statuses that make a backend infeasible from that token count up.
 FAILED = (Status.OOM, Status.ERROR, Status.SKIPPED)
+# A backend at least this many times slower than the fastest at two successive token counts stops being timed
+# (`Status.SLOW`); where a choice picks it anyway, it costs at least this many times the fastest.
+SLOW_FACTOR = 8.0
 
 
 @dataclass(frozen=True)
 class Measurement:
     """One sweep point: `backend` at `num_tokens`.
 
-    `status` is a `Status`: `"ok"`, `"oom"`, `"error"`, `"skipped"` or `"slow"`.
+    `status` is one of `Status`'s: `"ok"`, `"oom"`, `"error"`, `"skipped"` or `"slow"`.
     """
 
     backend: str
@@ -76,7 +77,7 @@ class Measurement:
         return cls(
             backend=str(record["backend"]),
             num_tokens=int(record["num_tokens"]),
-            status=Status(record["status"]),
+            status=str(record["status"]),
             median_ms=None if record.get("median_ms") is None else float(record["median_ms"]),
             peak_bytes=None if record.get("peak_bytes") is None else int(record["peak_bytes"]),
             times_ms=tuple(float(t) for t in record.get("times_ms", ())),

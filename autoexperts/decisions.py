@@ -18,11 +18,11 @@ class Decision:
     Attributes:
         backend (`str`): the backend that ran, a Transformers backend name (`"eager"`, `"batched_mm"`, ...).
         num_tokens (`int`): the tokens in the call (rows of `hidden_states`).
-        source (`str`): `"profile"` (a calibrated profile chose), `"device_model"` (no profile matched; the
-            device model predicted for this shape), `"fallback"` (no profile matched; the documented
-            rule chose), `"over_budget"` (no candidate fitted the memory budget; the least memory-hungry ran) or
-            `"runtime_fallback"` (the chosen backend raised for this call and this one ran in its place; hooks see
-            the failed decision first, then this one).
+        source (`str`, one of `table.Source`'s): `"profile"` (a calibrated profile chose), `"device_model"` (no
+            profile matched; the device model predicted for this shape), `"fallback"` (no profile matched; the
+            documented rule chose), `"over_budget"` (no candidate fitted the memory budget; the least memory-hungry
+            ran) or `"runtime_fallback"` (the chosen backend raised for this call and this one ran in its place;
+            hooks see the failed decision first, then this one).
         layer (`LayerSpec`): the experts layer the decision was made for (class, shape, dtype, device). Layers of
             one model with the same spec share their decisions.
         predicted (`dict[str, Prediction]`): each candidate's predicted latency and peak memory (empty without a

@@ -2,7 +2,7 @@
 
 Fitted on a calibration over a designed set of shapes (`autoexperts.calibration.design`), per backend, on the work
 the backend does (`autoexperts.work`) rather than on the shape's dimensions, so that it carries over to shapes it
-never saw. Three forms of the latency model are fitted and the one with the lowest leave-one-shape-out regret is kept:
+never saw. Four forms of the latency model are fitted and the one with the lowest leave-one-shape-out regret is kept:
 
 - `"additive"`: latency = a non-negative combination of the work features (seconds per FLOP, per byte of weights
   read, per byte gathered, per kernel launch, ...), fitted for relative error. A roofline written as a sum: it
@@ -10,6 +10,9 @@ never saw. Three forms of the latency model are fitted and the one with the lowe
 - `"power"`: log latency = a linear function of the logs of the work features (ridge). It bends where the additive
   form cannot (small, inefficient matmuls), but extrapolates as a power law.
 - `"boosted"`: gradient-boosted trees on the log features. Flexible inside the design set, flat outside it.
+- `"relative"`: one reference backend as `"power"`, every other backend as boosted trees of its latency ratio to the
+  reference (on the log features and the shape). `auto` asks which backend is faster, not how fast: a ratio model
+  spends its flexibility on that question.
 
 Leave-one-shape-out: for each design shape, every form is fitted on the others and chooses a backend at each of the
 held-out shape's measured token counts; the regret is the measured latency of those choices over the oracle's
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .cost_model import Measurement, Status, relative_spread
+from .cost_model import SLOW_FACTOR, Measurement, Status, relative_spread
 from .layer import LayerSpec
 from .work import LATENCY_FEATURES, MEMORY_FEATURES, SHAPE_FEATURES, feature_matrix
 
@@ -166,11 +169,6 @@ def _fit_backends(shapes: Sequence[ShapePoints], backends: Sequence[str], form: 
     return fits
 
 
-# A backend the sweep stopped timing (`"slow"`) was at least this many times slower than the fastest: what a pick of
-# it costs in the leave-one-shape-out regret (the sweep's `slow_factor`).
-_SLOW_PICK_FACTOR = 8.0
-
-
 @dataclass
 class _HeldOut:
     """One held-out shape's outcome: the chosen and the oracle totals and the prediction errors at its points."""
@@ -185,7 +183,7 @@ def _held_out(fits: dict, shape: ShapePoints) -> _HeldOut | None:
     """How `fits` choose on one shape's measured token counts; `None` when it has none.
 
     The choice is the backend predicted fastest among those fitted; a pick the sweep did not time there (it had
-    stopped timing a backend far slower than the fastest) costs `_SLOW_PICK_FACTOR` times the oracle.
+    stopped timing a backend far slower than the fastest) costs `cost_model.SLOW_FACTOR` times the oracle.
     """
     measured: dict[int, dict[str, float]] = {}
     for m in shape.measurements:
@@ -201,7 +199,7 @@ def _held_out(fits: dict, shape: ShapePoints) -> _HeldOut | None:
         times = measured[n]
         pick = min(fits, key=lambda b: predicted[b][i])
         fastest = min(times.values())
-        outcome.chosen += times.get(pick, _SLOW_PICK_FACTOR * fastest)
+        outcome.chosen += times.get(pick, SLOW_FACTOR * fastest)
         outcome.oracle += fastest
         outcome.latency_errors += [abs(math.log(predicted[b][i] / ms)) for b, ms in times.items()]
         outcome.ratio_errors += [
@@ -255,12 +253,6 @@ def _loso_summary(form: str, outcomes: Sequence[_HeldOut | None]) -> dict:
         "median_abs_log_error": float(np.median(latency_errors)),
         "median_abs_log_ratio_error": float(np.median(ratio_errors)) if ratio_errors else 0.0,
     }
-
-
-def leave_one_shape_out(shapes: Sequence[ShapePoints], backends: Sequence[str], form: str, n_jobs: int = 1) -> dict:
-    """Per held-out shape, the regret (chosen total / oracle total) of `form` fitted on the other shapes; and the
-    median absolute log error of its latency predictions and of its predicted latency ratios between backends."""
-    return _loso_summary(form, _held_out_outcomes(shapes, backends, [form], n_jobs)[form])
 
 
 class DeviceModel:

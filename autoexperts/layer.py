@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-AUTO = "auto"
+from .choices import AUTO as AUTO
+
 EAGER = "eager"
 BATCHED_MM = "batched_mm"
 GROUPED_MM = "grouped_mm"

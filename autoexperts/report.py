@@ -7,7 +7,7 @@ import math
 from .allocator import settings_text
 from .layer import registered_backends
 from .profile import Profile
-from .table import DecisionTable, build_profile_table
+from .table import DecisionTable, Source, build_profile_table
 
 
 def format_bytes(value: float) -> str:
@@ -211,7 +211,7 @@ def describe_device_profile(profile, budget_bytes: float | None, budget_label: s
         table = device_model_table(spec, profile.model.for_spec(spec), registered_backends(), budget)
         layout = ("gated" if spec.has_gate else "ungated") + (", transposed + bias" if spec.is_transposed else "")
         regions = ", ".join(
-            f"{_range(r.first, r.last)} {r.backend}" + (" (over budget)" if r.source == "over_budget" else "")
+            f"{_range(r.first, r.last)} {r.backend}" + (" (over budget)" if r.source == Source.OVER_BUDGET else "")
             for r in table.regions
         )
         rows.append(

@@ -50,6 +50,16 @@ TIE_TOLERANCE = 0.02
 NOISE_TOLERANCE = 0.03
 
 
+class Source:
+    """Where a decision came from (`Decision.source`, `Region.source`)."""
+
+    PROFILE = "profile"  # a calibrated profile of the layer's shape
+    DEVICE_MODEL = "device_model"  # no profile: the device model's predictions for the shape
+    FALLBACK = "fallback"  # nothing calibrated: the documented fixed rule
+    OVER_BUDGET = "over_budget"  # no candidate fits the memory budget: the least memory-hungry one
+    RUNTIME_FALLBACK = "runtime_fallback"  # the chosen backend raised for the call; this one ran in its place
+
+
 @dataclass(frozen=True)
 class Region:
     """Token counts `first..last` (inclusive; `last` may be `inf`) run `backend`."""
@@ -57,7 +67,7 @@ class Region:
     first: int
     last: float
     backend: str
-    source: str
+    source: str  # a `Source`
 
 
 @dataclass(frozen=True)
@@ -215,7 +225,7 @@ def build_profile_table(
     cost_model: CostModel,
     candidates: list[str],
     budget_bytes: float,
-    source: str = "profile",
+    source: str = Source.PROFILE,
     default: DecisionTable | None = None,
 ) -> DecisionTable:
     """The table a cost model gives for `candidates` under `budget_bytes`; its regions' source is `source`
@@ -262,7 +272,9 @@ def build_profile_table(
     smallest = np.where(feasible, memory, np.inf).argmin(axis=0)
 
     choices = [
-        (int(n), candidates[fastest[i]], source) if any_fits[i] else (int(n), candidates[smallest[i]], "over_budget")
+        (int(n), candidates[fastest[i]], source)
+        if any_fits[i]
+        else (int(n), candidates[smallest[i]], Source.OVER_BUDGET)
         for i, n in enumerate(tokens)
     ]
     curves = {

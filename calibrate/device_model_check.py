@@ -17,7 +17,7 @@ Run it as `python calibrate/device_model_check.py --profile-dir DIR [--dtype T] 
 With `--against-profiles DIR`, nothing is timed: the truth is the measurements of the exact-shape profiles in `DIR`
 (real, unscaled shapes calibrated on the same device), at every count they measured. This checks a device model of a
 machine that is no longer at hand, e.g. a GPU's, from its calibration files alone. A choice the calibration had
-stopped timing there costs `analysis.SLOW_PICK_FACTOR` times the fastest; a choice that failed or ran out of memory
+stopped timing there costs `cost_model.SLOW_FACTOR` times the fastest; a choice that failed or ran out of memory
 there costs infinity (`analysis.pick_ms`).
 """
 
@@ -38,6 +38,8 @@ from autoexperts.bench.layer_sweep import held_out_tokens
 from autoexperts.calibration.design import GATED, TRANSPOSED_BIAS, UNGATED, DesignShape, scale_to_fit, token_counts
 from autoexperts.calibration.experts_layer import ExpertsLayer, build_experts_layer, routed_inputs
 from autoexperts.calibration.run import resolve_device, resolve_dtype, runnable_for_shape
+from autoexperts.choices import NONE
+from autoexperts.cost_model import SLOW_FACTOR
 from autoexperts.device import device_name
 from autoexperts.device_profile import DeviceProfile, find_device_profile
 from autoexperts.layer import DEFAULT_BACKENDS, LayerSpec, backend_forward
@@ -50,9 +52,6 @@ from checks import measured_by_tokens, write_result
 logger = logging.getLogger(__name__)
 
 MEDIAN_TARGET, WORST_TARGET = 1.05, 1.10
-# A backend this many times slower than the fastest at two successive counts stops being timed (it cannot be the
-# oracle), unless a choice under test picks it.
-SLOW_FACTOR = 8.0
 
 
 @dataclass
@@ -145,7 +144,7 @@ def check_shape(
     """Times every backend at `tokens` on `layer` and records the device model's, the fallback's and the oracle's
     choice at each count."""
     spec = layer.spec
-    candidates = runnable_for_shape(spec, runnable_backends(list(DEFAULT_BACKENDS), "none", device.type))
+    candidates = runnable_for_shape(spec, runnable_backends(list(DEFAULT_BACKENDS), NONE, device.type))
     predicted = device_model_table(spec, device_profile.model.for_spec(spec), candidates, budget_bytes)
     fallback = fallback_table(spec, candidates, budget_bytes)
     calls = {b: backend_forward(b, type(layer.module)) for b in candidates}
@@ -238,7 +237,7 @@ def run_check(
     torch_dtype = resolve_dtype(dtype or ("bfloat16" if torch_device.type == "cuda" else "float32"))
     dtype_name = str(torch_dtype).removeprefix("torch.")
     name = device_name(torch_device)
-    device_profile = find_device_profile(name, dtype_name, "none", [profile_dir])
+    device_profile = find_device_profile(name, dtype_name, NONE, [profile_dir])
     if device_profile is None:
         raise SystemExit(f"no device model for {name}, {dtype_name} under {profile_dir}")
     sweep = device_profile.metadata["sweep"]

@@ -3,8 +3,8 @@
 For each exact-shape profile measured on the full default grid, the profile is fitted again on the subset of its own
 measurements that `calibrate` would take with a device model at hand (`calibration.adaptive`), and both tables
 choose at every count of the full grid. A choice costs the measured median there (`analysis.pick_ms`: a backend the
-sweep dropped as slow costs `SLOW_PICK_FACTOR` times the fastest). The sparse table saw only its subset, so most grid
-counts are held out from it; the full table saw them all, which favours it.
+sweep dropped as slow costs `cost_model.SLOW_FACTOR` times the fastest). The sparse table saw only its subset, so
+most grid counts are held out from it; the full table saw them all, which favours it.
 
 Run it as `python calibrate/sparse_calibration_check.py --device-model JSON --profiles DIR`.
 """

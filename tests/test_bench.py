@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from autoexperts.bench.analysis import (
-    SLOW_PICK_FACTOR,
     ContenderRun,
     PointResult,
     choice_totals,
@@ -22,6 +21,7 @@ from autoexperts.bench.layer_sweep import held_out_tokens
 from autoexperts.bench.run import BenchOptions, run_benchmark
 from autoexperts.calibration.run import calibrate
 from autoexperts.calibration.sweep import default_token_grid
+from autoexperts.cost_model import SLOW_FACTOR
 from autoexperts.selection import device_model_table
 from tests.conftest import REPOSITORY, layer_spec, load_script, tiny_config, tiny_model
 from tests.test_device_model import BACKENDS, save_synthetic_device_model
@@ -97,7 +97,7 @@ def test_sweep_summary_compares_each_backend_over_the_points_where_it_ran():
     [
         (["batched_mm", "grouped_mm", "grouped_mm"], 1 + 20 + 50, 3, 0),  # the oracle everywhere
         (["grouped_mm", "eager", "grouped_mm"], 2 + 30 + 50, 1, 0),  # two timed wrong picks
-        (["batched_mm", "grouped_mm", "eager"], 1 + 20 + SLOW_PICK_FACTOR * 50, 2, 1),  # eager was dropped as slow
+        (["batched_mm", "grouped_mm", "eager"], 1 + 20 + SLOW_FACTOR * 50, 2, 1),  # eager was dropped as slow
         (["batched_mm", "batched_mm", "grouped_mm"], float("inf"), 2, 1),  # batched_mm was over the memory limit
     ],
 )

@@ -216,7 +216,7 @@ def test_decision_cache_is_safe_under_threads(profile_dir, save):
         torch.testing.assert_close(logits, expected[n], rtol=1e-4, atol=1e-5)
     assert len(decisions) == 2 * len(jobs)  # two experts layers per forward
     assert {(d.num_tokens, d.backend) for d in decisions} == chosen_alone
-    assert len(dispatch._tables) == 1  # one table for the shared layer spec, built once
+    assert len(dispatch.state._tables) == 1  # one table for the shared layer spec, built once
     # Each token count is decided once: every later call gets the same cached Decision.
     assert len({id(d) for d in decisions}) <= len(token_counts) * 2
 

@@ -49,7 +49,7 @@ print(json.dumps({{"heavy": heavy, "missing": missing, "unlisted": unlisted}}))
         "import autoexperts",  # the package alone: registered when Transformers imports its registries
         # the registries already imported: registered at once
         "import transformers.integrations.moe, transformers.integrations.finegrained_fp8",
-        "import autoexperts.dispatch",  # dispatch imports the registry itself: registered once dispatch has run
+        "import autoexperts.dispatch",  # the per-call path before the registry: registered when it is imported
         "import autoexperts.layer",  # a module dispatch imports, before dispatch
         "import autoexperts.calibration.run",  # a module that reaches the registry through Transformers' models
     ],

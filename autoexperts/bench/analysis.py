@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..cost_model import Status
+from ..cost_model import SLOW_FACTOR, Status
 from ..layer import AUTO, DEFAULT_BACKENDS, GROUPED_MM
 
 FIXED_BACKENDS = tuple(DEFAULT_BACKENDS)
@@ -150,21 +150,16 @@ def sweep_summary(points: list[PointResult]) -> dict:
     }
 
 
-# What a pick the benchmark did not time costs: dropped as slow means at least this many times the fastest (the layer
-# sweep's `slow_factor`); skipped over the memory limit or failed costs infinity.
-SLOW_PICK_FACTOR = 8.0
-
-
 def pick_ms(measured: Mapping[str, tuple[str, float | None]], pick: str) -> float:
     """What picking `pick` costs at one point whose backends measured `backend -> (status, median ms)`: its median
-    when it was timed, `SLOW_PICK_FACTOR` times the fastest when it had been dropped as slow, else infinity (over the
-    memory limit, failed, or not measured)."""
+    when it was timed, `cost_model.SLOW_FACTOR` times the fastest when it had been dropped as slow, else infinity
+    (over the memory limit, failed, or not measured)."""
     status, median = measured.get(pick, ("missing", None))
     if status == Status.OK and median:
         return median
     if status != Status.SLOW:
         return math.inf
-    return SLOW_PICK_FACTOR * min(ms for s, ms in measured.values() if s == Status.OK and ms)
+    return SLOW_FACTOR * min(ms for s, ms in measured.values() if s == Status.OK and ms)
 
 
 def choice_totals(points: list[PointResult], choices: dict[str, list[str]]) -> dict:

@@ -19,7 +19,8 @@ import torch
 from ..calibration.experts_layer import ExpertsLayer, routed_inputs
 from ..calibration.memory import peak_call_bytes
 from ..calibration.routing import Routing
-from ..cost_model import CostModel, Status
+from ..choices import NONE
+from ..cost_model import SLOW_FACTOR, CostModel, Status
 from ..dispatch import auto_experts_forward, decision_table
 from ..layer import AUTO, BATCHED_MM, backend_forward
 from ..timing import interleaved_rounds, repeats_for, timed_call_ms
@@ -37,7 +38,7 @@ class TimingOptions:
     seconds_per_point: float = 1.0
     min_repeats: int = 3
     max_repeats: int = 50
-    slow_factor: float = 8.0
+    slow_factor: float = SLOW_FACTOR
 
 
 def held_out_tokens(grid: Sequence[int], beyond: Sequence[float] = (1.5, 2.0)) -> list[int]:
@@ -97,7 +98,7 @@ def run_layer_sweep(
     timing: TimingOptions,
     wrap: Callable[[ExpertsCall], ExpertsCall] = lambda fn: fn,
     advance: Callable[[], None] = lambda: None,
-    compile_mode: str = "none",
+    compile_mode: str = NONE,
     routing: Routing | None = None,
 ) -> list[PointResult]:
     """Times every contender at every count of `tokens` on `layer` (see the module docstring).
@@ -133,7 +134,7 @@ def run_layer_sweep(
             for name, call in active.items():
                 warm_ms[name] = timed_call_ms(call, device)
                 # The CPU memory tracker runs code uncompiled: there auto's peak is its chosen backend's (below).
-                tracked = not (name == AUTO and compile_mode != "none" and device.type == "cpu")
+                tracked = not (name == AUTO and compile_mode != NONE and device.type == "cpu")
                 runs[name] = ContenderRun(peak_bytes=peak_call_bytes(call, device) if tracked else None)
             repeats = repeats_for(
                 sum(warm_ms.values()), timing.seconds_per_point, timing.min_repeats, timing.max_repeats

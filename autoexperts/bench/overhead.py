@@ -45,7 +45,8 @@ def measure_dispatch_overhead(
     module = layer.module
     hidden_states, top_k_index, top_k_weights = routed_inputs(layer.spec, 1, device, dtype)
     with torch.inference_mode():
-        backend, decision = dispatch_entry(module, hidden_states, top_k_index)  # builds and caches the decision
+        entry = dispatch_entry(module, hidden_states, top_k_index)  # builds and caches the decision
+        backend, decision = entry.forward, entry.decision
         layer_dispatch = next(d for d in module.__dict__["_autoexperts_state"].dispatch.values() if 1 in d.by_tokens)
 
         def noop(module, hidden_states, top_k_index, top_k_weights):
@@ -60,11 +61,11 @@ def measure_dispatch_overhead(
         def direct_noop():
             return noop(module, hidden_states, top_k_index, top_k_weights)
 
-        layer_dispatch.by_tokens[1] = (noop, decision)
+        layer_dispatch.by_tokens[1] = entry._replace(forward=noop)
         try:
             path = _interleaved_medians({"lookup": lookup, "auto": auto_noop, "direct": direct_noop}, rounds, calls)
         finally:
-            layer_dispatch.by_tokens[1] = (backend, decision)
+            layer_dispatch.by_tokens[1] = entry
 
         def auto():
             return auto_experts_forward(module, hidden_states, top_k_index, top_k_weights)

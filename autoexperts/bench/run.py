@@ -27,8 +27,7 @@ from ..calibration.experts_layer import build_experts_layer
 from ..calibration.model_source import ModelSource, resolve_model
 from ..calibration.routing import Routing
 from ..calibration.run import SWEEP_MEMORY_FRACTION, resolve_device, resolve_dtype, runnable_for_shape
-from ..choices import BENCH_PARTS
-from ..compile_mode import CALIBRATION_MODES
+from ..choices import BENCH_PARTS, CALIBRATION_MODES, NONE
 from ..device import cpu_model_name, device_name, device_slug, free_memory_bytes
 from ..dispatch import decision_table
 from ..errors import UsageError
@@ -43,9 +42,6 @@ from .overhead import measure_dispatch_overhead
 
 logger = logging.getLogger(__name__)
 
-COMPILE_MODES = CALIBRATION_MODES
-PARTS = BENCH_PARTS
-
 
 @dataclass
 class BenchOptions:
@@ -54,11 +50,11 @@ class BenchOptions:
     model: str | None = None
     device: str | None = None
     dtype: str | None = None
-    compile_mode: str = "none"
+    compile_mode: str = NONE
     out: Path = Path("autoexperts-bench")
     profile_dir: Path | None = None  # reuse the profiles there instead of calibrating (no calibration cost then)
     sweep_tokens: list[int] | None = None  # default: held out from the calibration grid
-    parts: tuple[str, ...] = PARTS
+    parts: tuple[str, ...] = BENCH_PARTS
     layers: int = 2
     vocab_size: int = 1024
     long_prefill: int = 2048
@@ -99,7 +95,7 @@ def _calibrate(options: BenchOptions, device: torch.device, dtype: torch.dtype, 
         "--device", str(device), "--dtype", str(dtype).removeprefix("torch."), "--out", str(folder),
         "--seconds-per-point", str(options.calibration_seconds_per_point),
     ]  # fmt: skip
-    if options.compile_mode != "none":
+    if options.compile_mode != NONE:
         command += ["--compile", options.compile_mode]
     if options.routing is not None and not options.routing.is_uniform:
         command += ["--routing", options.routing.text()]
@@ -144,7 +140,7 @@ _BENCH_RECOMPILE_LIMIT = 64
 
 def _compile_wrapper(mode: str):
     """`fn -> compiled fn` for experts calls in `mode` (identity for `"none"`), with dynamic token counts."""
-    if mode == "none":
+    if mode == NONE:
         return lambda fn: fn
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _BENCH_RECOMPILE_LIMIT)
 
@@ -163,7 +159,7 @@ def _compile_wrapper(mode: str):
 
 
 def _compiled_model(model: torch.nn.Module, mode: str):
-    if mode == "none":
+    if mode == NONE:
         return model
     return torch.compile(model, dynamic=True, mode=None if mode == "default" else mode)
 
@@ -172,11 +168,11 @@ def run_benchmark(options: BenchOptions) -> dict:
     """Runs the benchmark (see the module docstring) and writes `<out>/<device>/<model>-<dtype>-<compile>.{json,md,
     png}`; returns the results (as written to the JSON), with the written paths under `"files"`.
     """
-    if options.compile_mode not in COMPILE_MODES:
-        raise UsageError(f"unknown compile mode {options.compile_mode!r}: use {', '.join(COMPILE_MODES)}")
-    unknown = set(options.parts) - set(PARTS)
+    if options.compile_mode not in CALIBRATION_MODES:
+        raise UsageError(f"unknown compile mode {options.compile_mode!r}: use {', '.join(CALIBRATION_MODES)}")
+    unknown = set(options.parts) - set(BENCH_PARTS)
     if unknown:
-        raise UsageError(f"unknown benchmark part(s) {', '.join(sorted(unknown))}: use {', '.join(PARTS)}")
+        raise UsageError(f"unknown benchmark part(s) {', '.join(sorted(unknown))}: use {', '.join(BENCH_PARTS)}")
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     source = resolve_model(options.model)

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..allocator import allocator_settings
-from ..choices import CALIBRATION_MODES
+from ..choices import CALIBRATION_MODES, NONE
 from ..cost_model import Measurement
 from ..device import device_name, free_memory_bytes
 from ..device_model import DeviceModel, ShapePoints
@@ -44,7 +44,7 @@ CPU_SWEEP_MEMORY_LIMIT = 1 * 2**30
 def calibrate_device_model(
     device: str | None = None,
     dtype: str | None = None,
-    compile_mode: str = "none",
+    compile_mode: str = NONE,
     out: str | Path | None = None,
     progress: bool = True,
     resume: bool = False,

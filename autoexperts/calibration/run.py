@@ -15,7 +15,7 @@ import torch
 
 from ..allocator import allocator_settings
 from ..capabilities import unrunnable_backends
-from ..choices import CALIBRATION_MODES
+from ..choices import CALIBRATION_MODES, NONE
 from ..cost_model import CostModel
 from ..device import device_name, driver_version, free_memory_bytes, gpu_driver_version
 from ..errors import CalibrationInterrupted, UsageError
@@ -28,14 +28,13 @@ from ..selection import runnable_backends
 from ..store import default_write_dir, file_target
 from .adaptive import device_model_tokens
 from .checkpoint import checkpoint_path, read_checkpoint, write_checkpoint
-from .experts_layer import build_experts_layer
-from .model_source import resolve_model
+from .experts_layer import ExpertsLayer, build_experts_layer
+from .model_source import ModelSource, resolve_model
 from .routing import Routing
 from .sweep import SweepOptions, default_token_grid, run_sweep
 
 logger = logging.getLogger(__name__)
 
-COMPILE_MODES = CALIBRATION_MODES
 # The share of the device's free memory (after the layer is built) that one sweep point may take.
 SWEEP_MEMORY_FRACTION = 0.7
 # How long a process waits for another one calibrating the same layer (a max-autotune calibration takes long).
@@ -94,7 +93,7 @@ def calibrate(
     progress: bool = True,
     seconds_per_point: float = 0.6,
     resume: bool = False,
-    compile_mode: str = "none",
+    compile_mode: str = NONE,
     full_grid: bool = False,
     tp_size: int = 1,
     ep_size: int = 1,
@@ -146,8 +145,8 @@ def calibrate(
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype or ("bfloat16" if torch_device.type == "cuda" else "float32"))
-    if compile_mode not in COMPILE_MODES:
-        raise UsageError(f"unknown compile mode {compile_mode!r}: use {', '.join(COMPILE_MODES)}")
+    if compile_mode not in CALIBRATION_MODES:
+        raise UsageError(f"unknown compile mode {compile_mode!r}: use {', '.join(CALIBRATION_MODES)}")
     if backends is None:
         backends = runnable_backends(list(DEFAULT_BACKENDS), compile_mode, torch_device.type)
     unknown = [b for b in backends if b not in registered_backends()]
@@ -187,10 +186,27 @@ def calibrate(
             logger.info("%s was calibrated by another process meanwhile: %s", layer.spec.describe(), target)
             measured_meanwhile.measured_elsewhere = True
             return measured_meanwhile
-        return _calibrate_layer(
-            layer, source, name, target, torch_device, torch_dtype, folder, list(backends), tokens, progress,
-            seconds_per_point, resume, compile_mode, full_grid, parallel, launch, started, routing,
-        )  # fmt: skip
+        plan = _LayerCalibration(
+            layer=layer,
+            source=source,
+            device=torch_device,
+            dtype=torch_dtype,
+            device_name=name,
+            folder=folder,
+            target=target,
+            backends=list(backends),
+            tokens=tokens,
+            routing=routing,
+            compile_mode=compile_mode,
+            seconds_per_point=seconds_per_point,
+            progress=progress,
+            resume=resume,
+            full_grid=full_grid,
+            parallel=parallel,
+            launch=launch,
+            started=started,
+        )
+        return _calibrate_layer(plan)
 
 
 def launch_id() -> str | None:
@@ -217,30 +233,55 @@ def _measured_meanwhile(json_path: Path, since: float, launch: str | None) -> Pr
     return None
 
 
-def _calibrate_layer(
-    layer, source, name, target, torch_device, torch_dtype, folder, backends, tokens, progress, seconds_per_point,
-    resume, compile_mode, full_grid, parallel, launch, started, routing,
-) -> Profile:  # fmt: skip
+@dataclasses.dataclass(frozen=True)
+class _LayerCalibration:
+    """What `calibrate` resolved for one layer's sweep: the layer, where it runs, what to measure and where the
+    profile goes."""
+
+    layer: ExpertsLayer
+    source: ModelSource
+    device: torch.device
+    dtype: torch.dtype
+    device_name: str
+    folder: Path  # the profile folder
+    target: Path  # the profile's path, without suffix
+    backends: list[str]
+    tokens: list[int] | None  # None: the device model's counts, else the default grid
+    routing: Routing
+    compile_mode: str
+    seconds_per_point: float
+    progress: bool
+    resume: bool
+    full_grid: bool
+    parallel: dict | None  # the distributed layout, as `expert_parallel.parallel_layer` records it
+    launch: str | None  # the torchrun launch (`launch_id`)
+    started: float  # `time.perf_counter()` when the calibration began
+
+
+def _calibrate_layer(plan: _LayerCalibration) -> Profile:
     """The sweep, fit and save of `calibrate` (under the layer's calibration lock)."""
-    memory_limit = SWEEP_MEMORY_FRACTION * free_memory_bytes(torch_device)
-    guide = None
-    if tokens is None and not full_grid and routing.is_uniform:
-        tokens, guide = device_model_tokens(layer.spec, name, compile_mode, list(backends), memory_limit)
+    layer = plan.layer
+    memory_limit = SWEEP_MEMORY_FRACTION * free_memory_bytes(plan.device)
+    tokens, guide = plan.tokens, None
+    if tokens is None and not plan.full_grid and plan.routing.is_uniform:
+        tokens, guide = device_model_tokens(
+            layer.spec, plan.device_name, plan.compile_mode, plan.backends, memory_limit
+        )
     tokens = tokens or default_token_grid()
-    checkpoint = checkpoint_path(target)
+    checkpoint = checkpoint_path(plan.target)
     # What the checkpoint's points were measured for: resuming needs all of it to match.
     header = {
         "layer": dataclasses.asdict(layer.spec),
-        "device": name,
-        "compile_mode": compile_mode,
-        "backends": sorted(backends),
-        "routing": routing.to_json(),
+        "device": plan.device_name,
+        "compile_mode": plan.compile_mode,
+        "backends": sorted(plan.backends),
+        "routing": plan.routing.to_json(),
         "versions": {k: v for k, v in library_versions().items() if k in ("torch", "transformers")},
     }
-    done = [m for m in read_checkpoint(checkpoint, header) if m.num_tokens in tokens] if resume else []
+    done = [m for m in read_checkpoint(checkpoint, header) if m.num_tokens in tokens] if plan.resume else []
     if done:
         logger.info("resuming from %s: %d points already measured", checkpoint, len(done))
-    elif not resume and checkpoint.is_file():
+    elif not plan.resume and checkpoint.is_file():
         logger.info("starting afresh: the checkpoint %s will be replaced (use --resume to keep it)", checkpoint)
     points = [len(done)]
 
@@ -250,24 +291,24 @@ def _calibrate_layer(
 
     options = SweepOptions(
         tokens=tokens,
-        backends=list(backends),
+        backends=list(plan.backends),
         memory_limit_bytes=memory_limit,
-        seconds_per_point=seconds_per_point,
-        progress=progress,
+        seconds_per_point=plan.seconds_per_point,
+        progress=plan.progress,
         done=done,
         on_point=save_checkpoint,
-        compile_mode=compile_mode,
-        routing=routing,
+        compile_mode=plan.compile_mode,
+        routing=plan.routing,
     )
     try:  # until the profile is saved, an interruption or a crash leaves the checkpoint to resume from
-        measurements = run_sweep(layer, torch_device, torch_dtype, options)
-        elapsed = time.perf_counter() - started
-        profile = _profile(layer, source, name, torch_device, measurements, options, elapsed, guide)
-        if parallel:
-            profile.metadata["parallel"] = parallel
-        if launch:  # the torchrun launch it was measured in: its other ranks use this profile
-            profile.metadata["launch"] = launch
-        save_profile(profile, folder)
+        measurements = run_sweep(layer, plan.device, plan.dtype, options)
+        elapsed = time.perf_counter() - plan.started
+        profile = _profile(layer, plan.source, plan.device_name, plan.device, measurements, options, elapsed, guide)
+        if plan.parallel:
+            profile.metadata["parallel"] = plan.parallel
+        if plan.launch:  # the torchrun launch it was measured in: its other ranks use this profile
+            profile.metadata["launch"] = plan.launch
+        save_profile(profile, plan.folder)
     except KeyboardInterrupt as interrupt:
         kept = checkpoint if checkpoint.is_file() else None
         raise CalibrationInterrupted(kept, points[0] if kept else 0) from interrupt
@@ -324,7 +365,7 @@ def _profile(layer, source, name: str, torch_device, measurements, options, elap
                 "routing": options.routing.to_json(),
                 "seconds_per_point": options.seconds_per_point,
                 "compile": {"mode": options.compile_mode, "dynamic": True, "fullgraph": True}
-                if options.compile_mode != "none"
+                if options.compile_mode != NONE
                 else None,
                 "memory_limit_bytes": options.memory_limit_bytes,
                 "wall_seconds": round(elapsed, 2),

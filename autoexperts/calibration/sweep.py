@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..cost_model import Measurement, Status
+from ..choices import NONE
+from ..cost_model import SLOW_FACTOR, Measurement, Status
 from ..layer import backend_forward
 from ..timing import interleaved_rounds, repeats_for, timed_call_ms
 from .experts_layer import ExpertsLayer, routed_inputs
@@ -84,7 +85,7 @@ class SweepOptions:
     max_repeats: int = 25
     seconds_per_point: float = 0.6
     memory_limit_bytes: float = float("inf")
-    slow_factor: float = 8.0
+    slow_factor: float = SLOW_FACTOR
     seed: int = 0
     progress: bool = True
     # Points already measured (e.g. from an earlier run); they are kept and not measured again.
@@ -92,7 +93,7 @@ class SweepOptions:
     # Called with every point so far after each token count (the calibration's checkpoint).
     on_point: Callable[[list[Measurement]], None] | None = None
     # "none", or a `torch.compile` mode the backends run under (see the module docstring).
-    compile_mode: str = "none"
+    compile_mode: str = NONE
     # The distribution each point's experts are drawn from (see `routing`); uniform by default.
     routing: Routing = field(default_factory=Routing)
 
@@ -100,7 +101,7 @@ class SweepOptions:
 def sweep_callable(name: str, experts_class: type, compile_mode: str) -> Callable:
     """Backend `name`'s function; compiled (dynamic shapes, `fullgraph=True`) unless `compile_mode` is `"none"`."""
     function = backend_forward(name, experts_class)
-    if compile_mode == "none":
+    if compile_mode == NONE:
         return function
     return torch.compile(function, mode=compile_mode, dynamic=True, fullgraph=True)
 
@@ -207,8 +208,8 @@ def run_sweep(
     functions = {name: sweep_callable(name, type(module), options.compile_mode) for name in options.backends}
     # Compiled code does not run under the CPU memory tracker's dispatch mode (Dynamo skips such frames).
     memory_functions = functions
-    if device.type != "cuda" and options.compile_mode != "none":
-        memory_functions = {name: sweep_callable(name, type(module), "none") for name in options.backends}
+    if device.type != "cuda" and options.compile_mode != NONE:
+        memory_functions = {name: sweep_callable(name, type(module), NONE) for name in options.backends}
     results: list[Measurement] = list(options.done)
     done = {(m.backend, m.num_tokens) for m in results}
     stopped: dict[str, tuple[str, str]] = {}  # backend -> (status of its later points, why it left the sweep)
