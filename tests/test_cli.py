@@ -1,5 +1,6 @@
 """The command line, end to end: calibrate -> profile -> dispatch, `show`, and clear errors on bad input."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,8 +16,9 @@ from transformers import AutoModelForCausalLM
 
 import autoexperts
 from autoexperts.errors import ProfileWarning
-from autoexperts.profile import load_profile
-from tests.conftest import tiny_model
+from autoexperts.layer import LayerSpec
+from autoexperts.profile import load_profile, save_profile
+from tests.conftest import CROSSOVER_CURVES, synthetic_profile, tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -118,6 +120,40 @@ def test_show_without_usable_profiles_says_so(files, expected, tmp_path, capsys,
     assert status == 0
     assert out.strip() == f"{expected} {tmp_path}, {tmp_path / 'no-shipped-profiles'}; run: autoexperts calibrate"
     assert [r.getMessage().split(":")[0] for r in caplog.records] == [f"skipping {tmp_path / n}" for n in files]
+
+
+@pytest.mark.parametrize(
+    "budget_args",
+    [
+        [],  # the environment's budget
+        ["--budget", "1GiB"],  # one given on the command line
+    ],
+)
+def test_show_lists_this_machine_first_and_budgets_only_its_devices(budget_args, profile_dir, capsys, monkeypatch):
+    from autoexperts import settings
+    from autoexperts.device import cpu_model_name
+
+    monkeypatch.setattr(settings, "shipped_profile_dir", lambda: profile_dir / "no-shipped-profiles")
+    spec = LayerSpec("TinyExperts", 8, 64, 32, 2, True, False, False, False, "float32", "cpu")
+    here = synthetic_profile(spec, CROSSOVER_CURVES)
+    gpu_spec = dataclasses.replace(spec, dtype="bfloat16", device_type="cuda")
+    elsewhere = dataclasses.replace(here, spec=gpu_spec, device_name="NVIDIA H200")
+    save_profile(elsewhere, profile_dir)  # saved first: a listing by file age alone would put it first
+    save_profile(here, profile_dir)
+
+    status, text, _ = _main(["show", *budget_args], capsys)
+    assert status == 0
+    headers = [line for line in text.splitlines() if line.startswith("== ")]
+    assert headers == [
+        f"== {cpu_model_name()}: this machine's cpu",
+        "== NVIDIA H200: another machine (no memory budget)",
+    ]
+    ours, theirs = text.split(headers[1])
+    assert f"profile   {here.json_path}" in ours and f"profile   {elsewhere.json_path}" in theirs
+    budgets = [line for line in text.splitlines() if line.startswith("budget")]
+    expected = "(fixed)" if budget_args else "of the free memory of this machine's cpu"
+    assert len(budgets) == 2 and expected in budgets[0]
+    assert budgets[1] == "budget    none applied: another machine's device"
 
 
 def test_recalibrating_says_what_it_replaces_and_keeps_it(calibrated, tmp_path, capsys, monkeypatch):
