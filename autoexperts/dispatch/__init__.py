@@ -110,9 +110,9 @@ def dispatch_entry(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_ind
     """The hot path's lookup: this call's `Entry` from the module's cached tables; also remembers it as what this
     module ran at this token count (see `_recompute`)."""
     state = self.__dict__.get(_STATE_ATTR)
-    if state is None or state.epoch != epoch():
+    if state is None or state.epoch != epoch[0]:
         # A new epoch rebuilds the tables, but what ran is kept: a pending backward must still replay it.
-        state = self.__dict__[_STATE_ATTR] = _ModuleState(epoch(), state.ran if state is not None else None)
+        state = self.__dict__[_STATE_ATTR] = _ModuleState(epoch[0], state.ran if state is not None else None)
     key = (hidden_states.dtype, hidden_states.device, top_k_index.shape[-1])
     dispatch = state.dispatch.get(key)
     if dispatch is None:

@@ -27,8 +27,9 @@ MAX_CACHED_TOKEN_COUNTS = 1 << 16
 lock = threading.RLock()
 _tables: dict[LayerKey, LayerDispatch] = {}
 _budget_override: tuple[str, float] | None = None
-# Bumped whenever tables must be rebuilt (new budget, new profiles); modules compare it on every call.
-_epoch = [0]
+# The tables' generation, bumped whenever they must be rebuilt (new budget, new profiles): a module whose state is
+# older decides afresh. A one-item list, read on every call without a function call.
+epoch = [0]
 
 
 class Entry(NamedTuple):
@@ -102,11 +103,6 @@ class LayerDispatch:
             return True
 
 
-def epoch() -> int:
-    """The current tables' generation: a module whose state is older decides afresh."""
-    return _epoch[0]
-
-
 def dispatch_for(key: LayerKey) -> LayerDispatch:
     """The shared dispatch of `key`'s layer, built on first use (`selection.select`, under the memory budget)."""
     with lock:
@@ -155,4 +151,4 @@ def reset() -> None:
     with lock:
         _tables.clear()
         selection.forget()
-        _epoch[0] += 1
+        epoch[0] += 1
