@@ -389,3 +389,33 @@ def test_sweep_measures_a_stalled_count_again(monkeypatch, small_layer, stalled)
     medians = {(m.backend, m.num_tokens): m.median_ms for m in results}
     for backend in options.backends:  # measured again: no longer 1000x its neighbour
         assert medians[backend, stalled] < 20 * medians[backend, 5 - stalled]
+
+
+def test_a_stalled_count_measured_again_does_not_run_a_backend_that_failed_there_again(monkeypatch, small_layer):
+    measure = sweep_module._measure_point
+    stalls, failed_calls = [1], []  # the first measurement of 3 tokens reads 1000x slow, as when the machine pauses
+
+    def batched_mm_fails_at_3(forward, module, hidden_states, *rest):
+        if hidden_states.shape[0] == 3:
+            failed_calls.append(3)
+            raise RuntimeError("simulated failure")
+        return forward(module, hidden_states, *rest)
+
+    def stalling(functions, memory_functions, module, inputs, backends, device, options):
+        times, peaks, failures = measure(functions, memory_functions, module, inputs, backends, device, options)
+        if inputs[0].shape[0] == 3 and stalls[0]:
+            stalls[0] -= 1
+            times = {b: [t * 1000 + 50 for t in samples] for b, samples in times.items()}
+        return times, peaks, failures
+
+    _wrap_backend(monkeypatch, "batched_mm", batched_mm_fails_at_3)
+    monkeypatch.setattr(sweep_module, "_measure_point", stalling)
+    options = SweepOptions(
+        tokens=[2, 3, 4], backends=["batched_mm", "grouped_mm"], seconds_per_point=0.01, progress=False
+    )
+    results = {
+        (m.backend, m.num_tokens): m for m in run_sweep(small_layer, torch.device("cpu"), torch.float32, options)
+    }
+    assert stalls == [0], "the case must stall once"
+    assert failed_calls == [3]  # once, not again when the stalled count was measured again
+    assert [results["batched_mm", n].status for n in (2, 3, 4)] == ["ok", "error", "skipped"]

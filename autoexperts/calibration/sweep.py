@@ -262,10 +262,12 @@ def run_sweep(
                 again = num_tokens if side > 0 else previous_tokens
                 logger.info("every backend at least %gx slower at %d tokens than beside it: measuring it again",
                             DISTURBED_FACTOR, again)  # fmt: skip
-                if side > 0:
-                    times, peaks, failures = _measure_point(
-                        functions, memory_functions, module, inputs, active, device, options
+                if side > 0:  # the backends that ran, again: one that failed here is not tried twice
+                    ran = [b for b in active if b not in failures]
+                    times, peaks, failed_again = _measure_point(
+                        functions, memory_functions, module, inputs, ran, device, options
                     )
+                    failures = {**failures, **failed_again}
                     medians = {b: statistics.median(t) for b, t in times.items()}
                 else:
                     previous_medians = _measure_again(
