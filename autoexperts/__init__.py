@@ -50,6 +50,7 @@ __all__ = [
     "register",
     "reset",
     "set_memory_budget",
+    "tune",
 ]
 
 # The public names whose modules import torch, imported on first access (PEP 562 `__getattr__`). Registration does
@@ -61,6 +62,7 @@ _LAZY_MODULES = {
     "dispatch": ("auto_experts_forward", "reset", "set_memory_budget"),
     "layer": ("DEFAULT_BACKENDS", "LayerSpec"),
     "table": ("Prediction",),
+    "tuning": ("tune",),
 }
 _MODULE_OF = {name: module for module, names in _LAZY_MODULES.items() for name in names}
 
@@ -71,6 +73,7 @@ if TYPE_CHECKING:  # what static tools should see
     from .dispatch import auto_experts_forward, reset, set_memory_budget
     from .layer import DEFAULT_BACKENDS, LayerSpec
     from .table import Prediction
+    from .tuning import tune
 
 
 def __getattr__(name: str):

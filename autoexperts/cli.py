@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -235,26 +233,6 @@ def _add_bench_parser(commands, verbose: argparse.ArgumentParser) -> None:
     bench.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
-def _check_writable(folder: Path) -> None:
-    """Fails early when profiles cannot be written under `folder`, without creating anything there."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    reason = None
-    if not existing.is_dir():
-        reason = f"{existing} is not a folder"
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        reason = f"{existing} is not writable"
-    elif existing == folder:
-        try:  # access() can be wrong (read-only mounts for root, network file systems): try a file
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".autoexperts-write-test-"):
-                pass
-        except OSError as error:
-            reason = error.strerror or str(error)
-    if reason is not None:
-        raise UsageError(f"cannot write profiles to {folder}: {reason}")
-
-
 def _budget(setting: tuple[str, float] | None, device_type: str) -> tuple[float, str]:
     """The budget `auto` would apply in a process like this one, in bytes, and how it was set."""
     import torch
@@ -281,11 +259,11 @@ def _check_environment_budget() -> None:
 def _calibrate(args: argparse.Namespace) -> int:
     from .calibration.run import calibrate, resolve_device
     from .report import describe_profile, describe_replacement
-    from .store import default_write_dir
+    from .store import check_writable, default_write_dir
 
     device = resolve_device(args.device)
     out = Path(args.out).expanduser() if args.out else default_write_dir()
-    _check_writable(out)
+    check_writable(out)
     if args.device_model:
         return _calibrate_device_model(args, device, out)
     if args.top_k is not None and args.top_k < 1:
@@ -424,9 +402,10 @@ def _describe_shown(item, budget_setting: tuple[str, float] | None, local: dict[
 
 def _bench(args: argparse.Namespace) -> int:
     from .bench.run import BenchOptions, run_benchmark
+    from .store import check_writable
 
     out = Path(args.out).expanduser()
-    _check_writable(out)
+    check_writable(out)
     options = BenchOptions(
         model=args.model,
         device=args.device,

@@ -97,6 +97,17 @@ def calibrate_args(module: torch.nn.Module, top_k: int) -> str:
     return f"--ep-size {ep_size} --tp-size {ep_size} --ep-implementation {ALL_REDUCE}"
 
 
+def parallel_layer_of(module: torch.nn.Module, top_k: int) -> dict:
+    """What a profile records of the parallelism of a running rank's layer, as `parallel_layer` does for
+    `calibrate`'s options (`{}` for a layer that is not sharded); the options `calibrate_args` gives."""
+    ep_size = _ep_size(module)
+    if ep_size == 1:
+        return {}
+    if _is_all_to_all_call(module, top_k):
+        return {"tp_size": 1, "ep_size": ep_size, "ep_implementation": ALL_TO_ALL}
+    return {"tp_size": ep_size, "ep_size": ep_size, "ep_implementation": ALL_REDUCE}
+
+
 def resolve_ep_implementation(ep_implementation: str, tp_size: int, ep_size: int) -> str:
     """The implementation an inference forward uses: Transformers' `"auto"` runs all-reduce when the expert group
     shares one batch (`ep_size == tp_size`) and all-to-all otherwise.

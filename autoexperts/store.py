@@ -32,7 +32,7 @@ from typing import TypeVar
 
 from . import settings
 from .device import device_slug
-from .errors import ProfileRefitWarning, warn_once
+from .errors import ProfileRefitWarning, UsageError, warn_once
 from .locking import file_lock
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,30 @@ def is_trusted(path: Path) -> bool:
     """Whether `path` (symbolic links resolved) lies inside one of the trusted folders, `search_dirs()`."""
     resolved = Path(path).resolve()
     return any(resolved.is_relative_to(folder.resolve()) for folder in search_dirs())
+
+
+def check_writable(folder: Path) -> None:
+    """Fails early when profiles cannot be written under `folder`, without creating anything there.
+
+    Raises:
+        `UsageError` (a `ValueError`): saying why.
+    """
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    reason = None
+    if not existing.is_dir():
+        reason = f"{existing} is not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        reason = f"{existing} is not writable"
+    elif existing == folder:
+        try:  # access() can be wrong (read-only mounts for root, network file systems): try a file
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".autoexperts-write-test-"):
+                pass
+        except OSError as error:
+            reason = error.strerror or str(error)
+    if reason is not None:
+        raise UsageError(f"cannot write profiles to {folder}: {reason}")
 
 
 def file_target(folder: Path, device_name: str, stem: str) -> Path:

@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 ROUTING_FILE_KIND = "autoexperts-routing"
 ROUTING_SCHEMA_VERSION = 1
 UNIFORM, ZIPF, CAPTURED = "uniform", "zipf", "captured"
+# The source of a routing `autoexperts.tune` captured from the model's own warm-up (no file).
+IN_PLACE = "autoexperts.tune, in place"
 
 # Fitting a captured curve's sampling weights: tokens of the fixed draw the shares are estimated on, iterations,
 # and the largest share error at which the fit stops.
@@ -107,6 +109,11 @@ class Routing:
         if not path.is_file():
             raise UsageError(f"routing {text!r} is neither uniform, zipf:S nor a routing file")
         return cls(kind=CAPTURED, source=str(path), layers=read_routing_file(path))
+
+    @classmethod
+    def in_place(cls, layers: tuple[CapturedLayer, ...]) -> Routing:
+        """The routing `autoexperts.tune` recorded of a model's own layers."""
+        return cls(kind=CAPTURED, source=IN_PLACE, layers=layers)
 
     @property
     def is_uniform(self) -> bool:
@@ -200,6 +207,13 @@ class Routing:
                 record["layers"] = list(self.used_layers)
                 record["popularity"] = [round(share, 6) for share in self.popularity]
         return record
+
+    def checkpoint_identity(self) -> dict:
+        """What a calibration's checkpoint records of the routing: all of it (`to_json`), except for a routing
+        captured in place, whose curve changes with every warm-up (points measured under the last one are kept)."""
+        if self.source == IN_PLACE:
+            return {"kind": CAPTURED, "source": IN_PLACE}
+        return self.to_json()
 
     @classmethod
     def from_json(cls, record: dict | str | None) -> Routing:

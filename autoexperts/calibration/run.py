@@ -177,35 +177,71 @@ def calibrate(
     )  # fmt: skip
     backends = runnable_for_shape(layer.spec, list(backends))
     routing = routing.for_shape(layer.spec.num_experts * layer.spec.expert_shards, layer.spec.top_k)
-    name = device_name(torch_device)
-    target = file_target(folder, name, layer.spec.file_stem(compile_mode))  # without suffix
-    waiting_since, launch = time.time(), launch_id()
+    plan = LayerCalibration(
+        layer=layer,
+        source=source,
+        device=torch_device,
+        dtype=torch_dtype,
+        device_name=device_name(torch_device),
+        folder=folder,
+        backends=list(backends),
+        tokens=tokens,
+        routing=routing,
+        compile_mode=compile_mode,
+        seconds_per_point=seconds_per_point,
+        progress=progress,
+        resume=resume,
+        full_grid=full_grid,
+        parallel=parallel,
+        launch=launch_id(),
+        started=started,
+    )
+    return calibrate_layer(plan)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCalibration:
+    """What one layer's calibration measures and where its profile goes (`calibrate` builds one from its arguments,
+    `autoexperts.tune` from a model's own layer)."""
+
+    layer: ExpertsLayer
+    source: ModelSource
+    device: torch.device
+    dtype: torch.dtype
+    device_name: str
+    folder: Path  # the profile folder
+    backends: list[str]
+    tokens: list[int] | None  # None: the device model's counts, else the default grid
+    routing: Routing
+    compile_mode: str
+    seconds_per_point: float
+    progress: bool
+    # True: keep the checkpoint's points (it must match); False: start afresh; None: keep them when it matches.
+    resume: bool | None
+    full_grid: bool
+    parallel: dict | None  # the distributed layout, as `expert_parallel.parallel_layer` records it
+    launch: str | None  # the torchrun launch (`launch_id`)
+    started: float  # `time.perf_counter()` when the calibration began
+    # The most memory one sweep point may take (default: `SWEEP_MEMORY_FRACTION` of the free memory).
+    memory_limit_bytes: float | None = None
+
+    @property
+    def target(self) -> Path:
+        """The profile's path, without suffix."""
+        return file_target(self.folder, self.device_name, self.layer.spec.file_stem(self.compile_mode))
+
+
+def calibrate_layer(plan: LayerCalibration) -> Profile:
+    """Measures `plan`'s layer, fits and saves its profile; under the layer's calibration lock, so that processes
+    calibrating the same layer at once (the ranks of a `torchrun` launch) measure it once: the others return the
+    profile the first saved (`measured_elsewhere`)."""
+    target, waiting_since = plan.target, time.time()
     with calibration_lock(target):
-        measured_meanwhile = _measured_meanwhile(target.with_name(f"{target.name}.json"), waiting_since, launch)
+        measured_meanwhile = _measured_meanwhile(target.with_name(f"{target.name}.json"), waiting_since, plan.launch)
         if measured_meanwhile is not None:
-            logger.info("%s was calibrated by another process meanwhile: %s", layer.spec.describe(), target)
+            logger.info("%s was calibrated by another process meanwhile: %s", plan.layer.spec.describe(), target)
             measured_meanwhile.measured_elsewhere = True
             return measured_meanwhile
-        plan = _LayerCalibration(
-            layer=layer,
-            source=source,
-            device=torch_device,
-            dtype=torch_dtype,
-            device_name=name,
-            folder=folder,
-            target=target,
-            backends=list(backends),
-            tokens=tokens,
-            routing=routing,
-            compile_mode=compile_mode,
-            seconds_per_point=seconds_per_point,
-            progress=progress,
-            resume=resume,
-            full_grid=full_grid,
-            parallel=parallel,
-            launch=launch,
-            started=started,
-        )
         return _calibrate_layer(plan)
 
 
@@ -233,35 +269,10 @@ def _measured_meanwhile(json_path: Path, since: float, launch: str | None) -> Pr
     return None
 
 
-@dataclasses.dataclass(frozen=True)
-class _LayerCalibration:
-    """What `calibrate` resolved for one layer's sweep: the layer, where it runs, what to measure and where the
-    profile goes."""
-
-    layer: ExpertsLayer
-    source: ModelSource
-    device: torch.device
-    dtype: torch.dtype
-    device_name: str
-    folder: Path  # the profile folder
-    target: Path  # the profile's path, without suffix
-    backends: list[str]
-    tokens: list[int] | None  # None: the device model's counts, else the default grid
-    routing: Routing
-    compile_mode: str
-    seconds_per_point: float
-    progress: bool
-    resume: bool
-    full_grid: bool
-    parallel: dict | None  # the distributed layout, as `expert_parallel.parallel_layer` records it
-    launch: str | None  # the torchrun launch (`launch_id`)
-    started: float  # `time.perf_counter()` when the calibration began
-
-
-def _calibrate_layer(plan: _LayerCalibration) -> Profile:
+def _calibrate_layer(plan: LayerCalibration) -> Profile:
     """The sweep, fit and save of `calibrate` (under the layer's calibration lock)."""
     layer = plan.layer
-    memory_limit = SWEEP_MEMORY_FRACTION * free_memory_bytes(plan.device)
+    memory_limit = plan.memory_limit_bytes or SWEEP_MEMORY_FRACTION * free_memory_bytes(plan.device)
     tokens, guide = plan.tokens, None
     if tokens is None and not plan.full_grid and plan.routing.is_uniform:
         tokens, guide = device_model_tokens(
@@ -269,19 +280,14 @@ def _calibrate_layer(plan: _LayerCalibration) -> Profile:
         )
     tokens = tokens or default_token_grid()
     checkpoint = checkpoint_path(plan.target)
-    # What the checkpoint's points were measured for: resuming needs all of it to match.
-    header = {
-        "layer": dataclasses.asdict(layer.spec),
-        "device": plan.device_name,
-        "compile_mode": plan.compile_mode,
-        "backends": sorted(plan.backends),
-        "routing": plan.routing.to_json(),
-        "versions": {k: v for k, v in library_versions().items() if k in ("torch", "transformers")},
-    }
-    done = [m for m in read_checkpoint(checkpoint, header) if m.num_tokens in tokens] if plan.resume else []
+    header = checkpoint_header(plan)
+    resume = plan.resume
+    if resume is None:  # keep what an interrupted run of the same measurement left, if anything
+        resume = checkpoint.is_file() and _matches(checkpoint, header)
+    done = [m for m in read_checkpoint(checkpoint, header) if m.num_tokens in tokens] if resume else []
     if done:
         logger.info("resuming from %s: %d points already measured", checkpoint, len(done))
-    elif not plan.resume and checkpoint.is_file():
+    elif not resume and checkpoint.is_file():
         logger.info("starting afresh: the checkpoint %s will be replaced (use --resume to keep it)", checkpoint)
     points = [len(done)]
 
@@ -319,6 +325,26 @@ def _calibrate_layer(plan: _LayerCalibration) -> Profile:
     checkpoint.unlink(missing_ok=True)
     logger.info("calibration of %s took %.1f s", layer.spec.describe(), profile.metadata["sweep"]["wall_seconds"])
     return profile
+
+
+def checkpoint_header(plan: LayerCalibration) -> dict:
+    """What a checkpoint's points were measured for: resuming needs all of it to match."""
+    return {
+        "layer": dataclasses.asdict(plan.layer.spec),
+        "device": plan.device_name,
+        "compile_mode": plan.compile_mode,
+        "backends": sorted(plan.backends),
+        "routing": plan.routing.checkpoint_identity(),
+        "versions": {k: v for k, v in library_versions().items() if k in ("torch", "transformers")},
+    }
+
+
+def _matches(checkpoint: Path, header: dict) -> bool:
+    try:
+        read_checkpoint(checkpoint, header)
+    except UsageError:
+        return False
+    return True
 
 
 def runnable_for_shape(spec, backends: list[str]) -> list[str]:
