@@ -1,10 +1,14 @@
 """`with autoexperts.tune(model):` calibrates a model's own experts layers on its own warm-up, in place.
 
 Inside the block the model runs as usual while, per experts layer, every call's token count and routed experts are
-recorded (`record_routing`: a forward pre-hook, counts kept on the layer's device, no host sync per call; the hooks
-exist only inside the block). On a normal exit, for each distinct layer spec the block ran (per rank under
-torch.distributed), the calibration sweep of `autoexperts calibrate` runs on one of the model's own experts modules:
-its real weights (no copy), inputs drawn from the routing the block recorded, at
+recorded (counts kept on the layer's device, no host sync per call): where `auto` runs the call, from the inputs the
+layer itself gets (`dispatch.observe_calls`; under expert parallelism, the rank's own rows after the exchange),
+else from a forward pre-hook on the module (`record_routing`; not for an expert-parallel layer, whose module inputs
+are not what its experts get). Nothing of this outlives the block.
+
+On a normal exit, for each distinct layer spec the block ran (per rank under torch.distributed), the calibration
+sweep of `autoexperts calibrate` runs on one of the model's own experts modules: its real weights (no copy; a
+sharded layer's local shards, as Transformers runs them), inputs drawn from the routing the block recorded, at
 
 - the default token grid up to the first grid count at least 2x the largest count the block ran (and at least
   `MIN_MAX_TOKENS`), memory permitting; and
@@ -39,7 +43,7 @@ from .calibration.sweep import default_token_grid
 from .capture import LayerRouting, record_routing
 from .choices import CALIBRATION_MODES, NONE
 from .device import device_name, free_memory_bytes
-from .dispatch import memory_budget_bytes, reset
+from .dispatch import memory_budget_bytes, observe_calls, reset
 from .errors import ProfileWarning, UsageError
 from .expert_parallel import parallel_layer_of
 from .layer import DEFAULT_BACKENDS, LayerSpec, is_experts_module, registered_backends
@@ -145,10 +149,11 @@ def tune(
     """
     options = _validated(model, out, backends, seconds_per_point, compile)
     report = TuneReport()
-    with record_routing(model) as routing:
+    observed = _ObservedCalls(model)
+    with record_routing(model) as hooked, observe_calls(observed):
         yield report
     # Reached only when the block ended without an exception.
-    _tune_recorded(model, routing.layers, options, report)
+    _tune_recorded(model, _layers_that_ran(model, observed, hooked.layers), options, report)
 
 
 def _validated(model, out, backends, seconds_per_point, compile_mode) -> _Options:
@@ -204,15 +209,72 @@ def tuning_tokens(calls_by_tokens: dict[int, int]) -> list[int]:
     return sorted(measured)
 
 
-def _groups(model: torch.nn.Module, recorded: dict[str, LayerRouting]) -> dict[LayerSpec, list]:
-    """The recorded layers that ran, by spec: `[(name, module, LayerRouting), ...]` in model order."""
+@contextlib.contextmanager
+def _local_parameters(module: torch.nn.Module) -> Iterator[None]:
+    """Inside the block, the module's parameters sharded by Transformers' distributed engine (DTensors) are their
+    local shards, as Transformers swaps them in for the duration of each experts forward: the rank's own layer, with
+    no copy (`to_local` is a view); the DTensors are put back on exit."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without torch.distributed
+        yield
+        return
+    originals = {name: p for name, p in module.named_parameters(recurse=False) if isinstance(p, DTensor)}
+    module._parameters.update({name: p.to_local() for name, p in originals.items()})
+    try:
+        yield
+    finally:
+        module._parameters.update(originals)
+
+
+class _ObservedCalls:
+    """What every experts call `auto` ran in a forward got, per module of the model (see `dispatch.observe_calls`):
+    the layer's spec as `auto` saw it, and its token counts and routed experts."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.names = {id(module): name for name, module in model.named_modules() if is_experts_module(module)}
+        self.layers: dict[str, tuple[LayerSpec, LayerRouting]] = {}
+
+    def __call__(self, module: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> None:
+        name = self.names.get(id(module))
+        if name is None:  # another model's layer
+            return
+        seen = self.layers.get(name)
+        if seen is None:  # the first call: the spec and expert count `auto` saw (a rank's own, when sharded)
+            spec = LayerSpec.of(module, top_k_index.shape[-1])
+            seen = self.layers[name] = (spec, LayerRouting(name, int(module.down_proj.shape[0])))
+        seen[1].add(top_k_index)
+
+
+def _layers_that_ran(
+    model: torch.nn.Module, observed: _ObservedCalls, hooked: dict[str, LayerRouting]
+) -> dict[LayerSpec, list]:
+    """The experts layers whose calls the block ran, by spec (the rank's local layer): `[(name, module,
+    LayerRouting), ...]` in model order. A layer `auto` ran is known from its calls, any other from its pre-hook."""
     modules = dict(model.named_modules())
     groups: dict[LayerSpec, list] = collections.defaultdict(list)
-    for name, layer in recorded.items():
-        if layer.tokens == 0 or layer.top_k is None:
-            continue
+    unseen = []
+    for name, layer in hooked.items():
         module = modules[name]
-        groups[LayerSpec.of(module, layer.top_k)].append((name, module, layer))
+        if name in observed.layers:
+            spec, layer = observed.layers[name]
+            layer.finish()
+        elif layer.tokens == 0 or layer.top_k is None:
+            continue
+        elif getattr(module, "_is_expert_parallel", False):  # its module inputs are not its experts' inputs
+            unseen.append(name)
+            continue
+        else:
+            with _local_parameters(module):
+                spec = LayerSpec.of(module, layer.top_k)
+        groups[spec].append((name, module, layer))
+    if unseen:
+        warnings.warn(
+            f"autoexperts: tune cannot see what the expert-parallel layers {', '.join(unseen)} ran (their experts "
+            "implementation is not auto): run the block with experts_implementation='auto' to tune them",
+            ProfileWarning,
+            stacklevel=4,
+        )
     return groups
 
 
@@ -228,8 +290,7 @@ def _routing(spec: LayerSpec, members: list) -> Routing:
     return Routing.in_place(layers).for_shape(spec.num_experts, spec.top_k)
 
 
-def _tune_recorded(model: torch.nn.Module, recorded: dict[str, LayerRouting], options: _Options, report) -> None:
-    groups = _groups(model, recorded)
+def _tune_recorded(model: torch.nn.Module, groups: dict[LayerSpec, list], options: _Options, report) -> None:
     if not groups:
         raise UsageError("tune: the block ran no experts call, so there is nothing to tune on")
     config = getattr(model, "config", None)
@@ -271,7 +332,7 @@ def _tune_recorded(model: torch.nn.Module, recorded: dict[str, LayerRouting], op
             started=started,
             memory_limit_bytes=min(budget, SWEEP_MEMORY_FRACTION * free_memory_bytes(device)),
         )
-        with torch.no_grad():
+        with torch.no_grad(), _local_parameters(module):
             profile = calibrate_layer(plan)
         report.layers.append(_layer_tuning(spec, members, calls, profile, budget, time.perf_counter() - started))
         logger.info("tuned %s", report.layers[-1].summary())

@@ -31,6 +31,17 @@ CASES = {
     "ep_all_reduce": {"config": {"tp_size": 2, "ep_size": 2, "ep_implementation": "all_reduce"}, "train": False},
     # One training step under FSDP with expert parallelism (all-to-all).
     "fsdp_ep_train": {"config": {"ep_size": 2, "fsdp_size": 2, "ep_implementation": "all_to_all"}, "train": True},
+    # `autoexperts.tune` on each rank's own warm-up forward, then the inference forward: all-to-all and all-reduce.
+    "ep_all_to_all_tune": {
+        "config": {"ep_size": 2, "fsdp_size": 2, "ep_implementation": "all_to_all"},
+        "train": False,
+        "tune": True,
+    },
+    "ep_all_reduce_tune": {
+        "config": {"tp_size": 2, "ep_size": 2, "ep_implementation": "all_reduce"},
+        "train": False,
+        "tune": True,
+    },
     # The same with gradient checkpointing: the backward recomputes each decoder layer's forward.
     "fsdp_ep_train_checkpointing": {
         "config": {"ep_size": 2, "fsdp_size": 2, "ep_implementation": "all_to_all"},
@@ -135,6 +146,20 @@ def main() -> None:
             result["grads"] = grads
     else:
         model.eval()
+        if case.get("tune"):
+            # Profiles go where the rank's auto reads them (AUTOEXPERTS_PROFILE_DIR); both ranks measure their own
+            # local layer, once per layer spec on this node.
+            with autoexperts.tune(model, seconds_per_point=0.005) as report, torch.no_grad():
+                model(input_ids=input_ids)
+            result["tuned"] = [
+                {
+                    "profile": str(layer.profile),
+                    "spec": dataclasses.asdict(layer.spec),
+                    "calls_by_tokens": layer.calls_by_tokens,
+                    "measured_elsewhere": layer.measured_elsewhere,
+                }
+                for layer in report.layers
+            ]
         with autoexperts.record_decisions() as decisions, torch.no_grad():
             logits = model(input_ids=input_ids).logits
         result["logits"] = _full(logits)

@@ -100,7 +100,7 @@ def _assert_local_layers(results: list[dict], case: str, num_experts: int, top_k
             assert decision["top_k"] == top_k, (rank, decision)
             assert decision["backend"] in {"eager", "batched_mm", "grouped_mm"}, (rank, decision)
             assert decision["source"] == "profile" and Path(decision["profile"]).stem == stem, (rank, decision)
-            assert decision["expert_shards"] == (2 if case == "ep_all_reduce" else 1), (rank, decision)
+            assert decision["expert_shards"] == (2 if case.startswith("ep_all_reduce") else 1), (rank, decision)
             assert by_count.setdefault(decision["num_tokens"], decision["backend"]) == decision["backend"]
 
 
@@ -133,6 +133,8 @@ LOCAL_LAYERS = {
     "ep_all_reduce": ("qwen3moeexperts-e4-h64-i32-k2-ep2-float32-none", ["--ep-size", "2", "--tp-size", "2"]),
 }
 LOCAL_LAYERS["fsdp_ep_train"] = LOCAL_LAYERS["fsdp_ep_train_checkpointing"] = LOCAL_LAYERS["ep_all_to_all"]
+LOCAL_LAYERS["ep_all_to_all_tune"] = LOCAL_LAYERS["ep_all_to_all"]
+LOCAL_LAYERS["ep_all_reduce_tune"] = LOCAL_LAYERS["ep_all_reduce"]
 CALIBRATION = ["--device", "cpu", "--tokens", "1,8,32,64", "--seconds-per-point", "0.01", "--no-progress"]
 
 
@@ -258,3 +260,43 @@ def test_training_step_matches_eager(case, checkpoint, eager_model, profiles, tm
     _assert_all_to_all_token_counts(results)
     recomputed = NUM_LAYERS if CASES[case].get("gradient_checkpointing") else 0
     assert all(r["experts_calls"] == {"forward": NUM_LAYERS, "recomputed": recomputed} for r in results), results
+
+
+@pytest.mark.parametrize(
+    "case, num_experts, top_k",
+    [
+        # EP all-to-all: each rank tunes its 4 experts at top-1 on the pairs routed to it.
+        pytest.param("ep_all_to_all_tune", 4, 1, id="ep_all_to_all"),
+        # EP all-reduce: each rank tunes its 4 of 8 experts at top-2 on the whole batch (sentinel routes included).
+        pytest.param("ep_all_reduce_tune", 4, 2, id="ep_all_reduce"),
+    ],
+)
+def test_tune_on_each_rank_writes_its_local_layers_profile_and_decides_from_it(
+    case, num_experts, top_k, checkpoint, eager_model, tmp_path
+):
+    tuned = tmp_path / "tuned"  # empty: every profile the ranks use comes from their tune
+    results = run_case(case, checkpoint, tmp_path / "out", tuned)
+
+    stem = LOCAL_LAYERS[case][0]
+    reports = [result["tuned"] for result in results]
+    assert all(len(report) == 1 for report in reports), reports  # one local layer spec per rank
+    assert {Path(report[0]["profile"]) for report in reports} == {tuned / Path(reports[0][0]["profile"]).parent.name
+                                                                    / f"{stem}.json"}  # fmt: skip
+    assert Path(reports[0][0]["profile"]).is_file()
+    # The ranks share the spec on this node: one measured it, the other used what it saved.
+    assert sorted(report[0]["measured_elsewhere"] for report in reports) == [False, True]
+    for report in reports:
+        spec = report[0]["spec"]
+        assert (spec["num_experts"], spec["top_k"]) == (num_experts, top_k)
+    tokens = [sum(n * calls for n, calls in report[0]["calls_by_tokens"].items()) for report in reports]
+    if CASES[case]["config"].get("ep_implementation") == "all_to_all":  # the ranks' pairs add up to every pair
+        assert sum(tokens) == NUM_LAYERS * BATCH * SEQ * TOP_K, tokens
+    else:  # each rank's layers see the whole batch
+        assert tokens == [NUM_LAYERS * BATCH * SEQ] * WORLD_SIZE, tokens
+
+    with torch.no_grad():
+        expected = eager_model.eval()(input_ids=input_batch()).logits
+    for rank, result in enumerate(results):
+        rows = slice(*result["rows"])
+        torch.testing.assert_close(result["logits"], expected[rows], rtol=RTOL, atol=ATOL, msg=f"{case} rank {rank}")
+    _assert_local_layers(results, case, num_experts, top_k)  # every decision from the tuned profile

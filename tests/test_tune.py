@@ -246,3 +246,16 @@ def test_compile_measures_the_compiled_backends(model, profile_dir):
     assert layer.profile.name.endswith("-default.json")
     record = json.loads(layer.profile.read_text())
     assert record["compile_mode"] == "default" and "eager" not in record["sweep"]["backends"]
+
+
+def test_a_model_running_a_fixed_backend_is_tuned_from_its_module_inputs(profile_dir):
+    model = tiny_model("olmoe", "grouped_mm")  # auto never runs in the block: the pre-hook records the calls
+    with autoexperts.tune(model, **FAST) as report:
+        _generate(model)
+    (layer,) = report.layers
+    assert layer.calls_by_tokens == {BATCH * PROMPT: 2, BATCH: 4} and layer.profile.is_file()
+    assert model.get_experts_implementation()[""] == "grouped_mm"  # tune leaves the model's choice alone
+    model.set_experts_implementation("auto")
+    with autoexperts.record_decisions() as decisions:
+        _generate(model)
+    assert {d.profile for d in decisions} == {str(layer.profile)}

@@ -16,8 +16,10 @@ Pickling: the per-module state pickles (and deep-copies) as `None`, so `torch.sa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import traceback
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -25,7 +27,7 @@ from ..decisions import active_hooks
 from ..layer import backend_forward as backend_forward
 from ..selection import LayerKey
 from .failover import is_framework_control_flow, replay, run_in_place_of, same_call
-from .state import Entry, LayerDispatch, dispatch_for, epoch
+from .state import Entry, LayerDispatch, dispatch_for, epoch, lock
 from .state import decision_table as decision_table
 from .state import memory_budget_bytes as memory_budget_bytes
 from .state import reset as reset
@@ -40,12 +42,18 @@ _MAX_REMEMBERED_CALLS = 1 << 10
 # -1 outside the autograd engine; the id of the running backward inside it (where checkpoints recompute).
 _graph_task_id = torch._C._current_graph_task_id
 
+# Called as `observer(module, hidden_states, top_k_index)` with every experts call `auto` runs in a forward: the inputs
+# the layer itself gets (also under expert parallelism, after the exchange), what `autoexperts.tune` records. Replaced,
+# never mutated, so the per-call path reads it without a lock.
+_observers: tuple[Callable, ...] = ()
+
 __all__ = [
     "auto_experts_forward",
     "decision_table",
     "dispatch_entry",
     "is_framework_control_flow",
     "memory_budget_bytes",
+    "observe_calls",
     "reset",
     "set_memory_budget",
 ]
@@ -94,6 +102,9 @@ def auto_experts_forward(
     if hooks:
         for hook in hooks:
             hook(entry.decision)
+    if _observers:
+        for observe in _observers:
+            observe(self, hidden_states, top_k_index)
     try:
         return entry.forward(self, hidden_states, top_k_index, top_k_weights)
     except Exception as error:  # costs nothing until a backend raises
@@ -104,6 +115,20 @@ def auto_experts_forward(
         # error keeps its message and line numbers, to be raised if nothing else can run the call.
         traceback.clear_frames(error.__traceback__)
     return _fail_over(self, entry, failure, hidden_states, top_k_index, top_k_weights)
+
+
+@contextlib.contextmanager
+def observe_calls(observer: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
+    """Calls `observer(module, hidden_states, top_k_index)` with every experts call `auto` runs in a forward inside
+    the block (not a checkpoint's recomputation, not compiled code)."""
+    global _observers
+    with lock:
+        _observers = (*_observers, observer)
+    try:
+        yield
+    finally:
+        with lock:
+            _observers = tuple(o for o in _observers if o is not observer)
 
 
 def dispatch_entry(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> Entry:
