@@ -50,7 +50,7 @@ from .layer import DEFAULT_BACKENDS, LayerSpec, is_experts_module, registered_ba
 from .profile import Profile
 from .report import profile_table
 from .selection import runnable_backends
-from .table import Region
+from .table import Region, Source
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,11 @@ class LayerTuning:
 
     def summary(self) -> str:
         seen = sorted(self.calls_by_tokens)
-        table = ", ".join(f"{r.first}–{'∞' if math.isinf(r.last) else int(r.last)} {r.backend}" for r in self.regions)
+        table = ", ".join(
+            f"{r.first}–{'∞' if math.isinf(r.last) else int(r.last)} {r.backend}"
+            + (" (over budget)" if r.source == Source.OVER_BUDGET else "")
+            for r in self.regions
+        )
         return (
             f"{self.spec.describe()} ({len(self.layers)} layers): {sum(self.calls_by_tokens.values())} calls at "
             f"{len(seen)} token counts ({seen[0]}–{seen[-1]}); measured {len(self.tokens_measured)} counts "
