@@ -219,6 +219,11 @@ def _add_bench_parser(commands, verbose: argparse.ArgumentParser) -> None:
     bench.add_argument("--prompt-length", type=_positive_int, default=128, help="generate(): prompt tokens")
     bench.add_argument("--new-tokens", type=_positive_int, default=32, help="generate(): new tokens per call")
     bench.add_argument("--rounds", type=_positive_int, default=3, help="generate(): timed rounds per contender")
+    bench.add_argument(
+        "--forward-rounds",
+        type=_positive_int,
+        help="model forward: the fewest interleaved rounds per point (default: 20)",
+    )
     bench.add_argument("--seconds-per-point", type=_positive_float, default=1.0, help="timing budget per point")
     bench.add_argument(
         "--calibration-seconds-per-point", type=_positive_float, default=0.6, help="calibrate's timing budget"
@@ -421,6 +426,7 @@ def _bench(args: argparse.Namespace) -> int:
         prompt_length=args.prompt_length,
         new_tokens=args.new_tokens,
         generate_rounds=args.rounds,
+        **({"forward_rounds": args.forward_rounds} if args.forward_rounds else {}),
         seconds_per_point=args.seconds_per_point,
         calibration_seconds_per_point=args.calibration_seconds_per_point,
         progress=not args.no_progress,

@@ -24,6 +24,7 @@ LIMITS = {
     "layer sweep: auto total / oracle total": ((1.03, 1.03), False),
     "layer sweep: auto total / ": ((1.0, 1.0), True),  # each fixed backend: auto must be faster in total
     "layer sweep: worst point regret": ((0.10, 0.03), False),
+    "model forward: auto / the backend it ran, worst cell": ((1.02, 1.02), False),
     "generate(): auto / best fixed backend": ((None, 0.95), False),
     "generate(): auto / Transformers' default": ((None, 0.97), False),
     "dispatch overhead per call (µs)": ((2.0, 2.0), False),

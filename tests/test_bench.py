@@ -18,6 +18,7 @@ from autoexperts.bench.analysis import (
     sweep_summary,
 )
 from autoexperts.bench.layer_sweep import held_out_tokens
+from autoexperts.bench.model_bench import FORWARD_MIN_ROUNDS
 from autoexperts.bench.run import BenchOptions, run_benchmark
 from autoexperts.calibration.run import calibrate
 from autoexperts.calibration.sweep import default_token_grid
@@ -196,7 +197,7 @@ def test_benchmark_writes_consistent_json_markdown_and_plot(tiny_model_folder, t
     device_model = save_synthetic_device_model(profiles)  # so the sweep also shows auto with the device model
     options = BenchOptions(
         model=str(tiny_model_folder), device="cpu", out=tmp_path / "results", profile_dir=profiles,
-        sweep_tokens=[3, 6, 12], long_prefill=32, prompt_length=8, new_tokens=3, generate_rounds=1,
+        sweep_tokens=[3, 6, 12], long_prefill=32, prompt_length=8, new_tokens=3, generate_rounds=1, forward_rounds=2,
         seconds_per_point=0.005, progress=False,
     )  # fmt: skip
     results = run_benchmark(options)
@@ -231,6 +232,27 @@ def test_benchmark_writes_consistent_json_markdown_and_plot(tiny_model_folder, t
         return
     with open(results["files"]["plot"], "rb") as png:
         assert png.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_forward_times_every_contender_at_least_the_forward_rounds(tiny_model_folder, tmp_path, profile_dir):
+    assert BenchOptions().forward_rounds == FORWARD_MIN_ROUNDS >= 20  # 3 rounds could not tell auto from its kernel
+    profiles = tmp_path / "bench-profiles"
+    calibrate(str(tiny_model_folder), "cpu", "float32", [1, 2, 4, 8, 16], out=profiles, progress=False,
+              seconds_per_point=0.005)  # fmt: skip
+    options = BenchOptions(
+        model=str(tiny_model_folder), device="cpu", out=tmp_path / "results", profile_dir=profiles, parts=("forward",),
+        long_prefill=16, seconds_per_point=0.0, forward_rounds=5, progress=False,
+    )  # fmt: skip
+    results = run_benchmark(options)
+    timed = [run for point in results["forward"] for run in point["runs"].values() if run["status"] == "ok"]
+    assert timed and all(len(run["samples_ms"]) >= 5 for run in timed)
+    ratios = [
+        p["runs"]["auto"]["median_ms"] / p["runs"][p["auto_backend"]]["median_ms"]
+        for p in results["forward"]
+        if p["runs"].get(p["auto_backend"], {}).get("median_ms")
+    ]
+    (figure,) = [f for f in results["headline"] if f["name"].startswith("model forward: auto / the backend it ran")]
+    assert figure["value"] == max(ratios)
 
 
 def _bench_cli(*args):

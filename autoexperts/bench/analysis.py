@@ -191,11 +191,22 @@ def choice_totals(points: list[PointResult], choices: dict[str, list[str]]) -> d
     return totals
 
 
+def _auto_over_own_backend(points: list[dict]) -> list[tuple[float, str]]:
+    """`(auto's median / the median of the backend it ran, label)` at every forward point where both were timed: what
+    `auto` costs beyond its kernel in a whole model (its lookup, and nothing else when the timing is fair)."""
+    ratios = []
+    for point in points:
+        auto, own = point["runs"].get(AUTO, {}), point["runs"].get(point.get("auto_backend") or "", {})
+        if auto.get("median_ms") and own.get("median_ms"):
+            ratios.append((auto["median_ms"] / own["median_ms"], point["label"]))
+    return ratios
+
+
 def headline_figures(results: dict) -> list[dict]:
     """The figures a run is judged by, each `{"name", "value", "note"}` (`value` `None` where the run cannot tell):
-    the layer sweep's totals and worst regret, `generate()` against the fixed backends, the dispatch overhead and the
-    calibration's wall time. `autoexperts bench` prints them; `calibrate/targets.py` holds them to the project's
-    targets."""
+    the layer sweep's totals and worst regret, the model forward's `auto` against the backend it ran, `generate()`
+    against the fixed backends, the dispatch overhead and the calibration's wall time. `autoexperts bench` prints
+    them; `calibrate/targets.py` holds them to the project's targets."""
     figures = []
 
     def add(name: str, value: float | None, note: str | None = None) -> None:
@@ -209,6 +220,10 @@ def headline_figures(results: dict) -> list[dict]:
             note = f"over the {summary['points'] - missing} points where {backend} ran" if missing else None
             add(f"layer sweep: auto total / {backend} total", versus["auto_ratio"], note)
         add("layer sweep: worst point regret", summary["worst_regret"])
+    own = _auto_over_own_backend(results.get("forward", []))
+    if own:
+        worst, label = max(own)
+        add("model forward: auto / the backend it ran, worst cell", worst, f"at {label}, of {len(own)} cells")
     generation = results.get("generation")
     if generation:
         runs = generation["runs"]

@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 # Transformers' experts benchmark grid (batch x sequence), plus a single-token decode step and a long prefill.
 FORWARD_BATCHES = (1, 4)
 FORWARD_SEQUENCES = (16, 128)
+# The fewest interleaved rounds per forward point: a 2-layer forward on an H200 is launch-bound (~6.5 ms) and reads
+# ~10 % slower after another backend's call than after its own kernel's, so 3 rounds could not tell `auto` from the
+# backend it ran.
+FORWARD_MIN_ROUNDS = 20
 # Config fields that make some decoder layers dense; the benchmark model keeps every layer MoE.
 _ALL_LAYERS_MOE = {"first_k_dense_replace": 0, "mlp_only_layers": [], "decoder_sparse_step": 1}
 

@@ -16,7 +16,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ from ..report import profile_table
 from ..store import search_dirs
 from .analysis import FIXED_BACKENDS, choice_totals, headline_figures, sweep_summary
 from .layer_sweep import MemoryGuard, TimingOptions, held_out_tokens, run_layer_sweep
-from .model_bench import build_bench_model, forward_points, run_forward_points, run_generation
+from .model_bench import FORWARD_MIN_ROUNDS, build_bench_model, forward_points, run_forward_points, run_generation
 from .overhead import measure_dispatch_overhead
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class BenchOptions:
     prompt_length: int = 128
     new_tokens: int = 32
     generate_rounds: int = 3
+    forward_rounds: int = FORWARD_MIN_ROUNDS  # the fewest interleaved rounds per forward point
     seconds_per_point: float = 1.0
     calibration_seconds_per_point: float = 0.6
     progress: bool = True
@@ -260,8 +261,13 @@ def run_benchmark(options: BenchOptions) -> dict:
                 if "forward" in options.parts:
                     bar.set_postfix_str("model forward")
                     runner = _compiled_model(model, options.compile_mode)
+                    forward_timing = replace(
+                        timing,
+                        min_repeats=options.forward_rounds,
+                        max_repeats=max(timing.max_repeats, options.forward_rounds),
+                    )
                     forward = run_forward_points(
-                        model, points, device, guard, timing, bar.update, call=runner,
+                        model, points, device, guard, forward_timing, bar.update, call=runner,
                         choice_for=lambda n: table.region_for(n).backend,
                     )  # fmt: skip
                     results["forward"] = [p.to_json() for p in forward]
