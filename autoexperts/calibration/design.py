@@ -5,19 +5,24 @@ ungated, and transposed with biases as in GPT-OSS) without copying any preset's 
 unseen shapes for a leave-one-shape-out check. Each shape is scaled down to fit the device: hidden and intermediate
 sizes are divided by the same power of two until one layer's weights fit `weight_limit_bytes` (experts and top-k are
 kept: they set the routing statistics), and its token counts stop where one call's FLOPs would take about
-`seconds_per_call` at the device's measured matmul rate.
+`seconds_per_call` at the device's measured matmul rate (`matmul_flops_per_second`, a compute-bound matmul). The sweep
+goes on past that plan while its measured calls are still shorter than `seconds_per_call` (`more_tokens`), so a rate
+read too low (an H200 once read 9.66 TFLOP/s, ~1 % of its bf16 rate, and stopped 8 of 18 shapes below 4096 tokens)
+costs a few more sweep points, not the counts where the backends cross.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import time
+import math
 
 import torch
 from transformers import AutoConfig
 
+from ..cost_model import Measurement, Status
 from ..layer import LayerSpec
+from ..timing import timed_call_ms
 from ..work import element_size
 from .experts_layer import ExpertsLayer, build_experts_layer
 from .sweep import default_token_grid
@@ -94,27 +99,59 @@ def scale_to_fit(shape: DesignShape, dtype: str, weight_limit_bytes: float) -> D
     return shape.scaled(factor)
 
 
-def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, size: int = 512, seconds: float = 0.2) -> float:
-    """The device's rate on one square matmul of `size`, measured for about `seconds`."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    torch.mm(a, b)  # warm-up
-    calls, started = 0, time.perf_counter()
-    while True:
+# The side of the probe's square matmul per device type: large enough to be compute-bound there (on an H200 a
+# 512 x 512 bf16 matmul takes ~0.3 us of math and ~15 us of launch and sync).
+PROBE_SIZES = {"cuda": 8192, "cpu": 1024}
+PROBE_WARM_UP_CALLS = 2
+PROBE_MIN_CALLS = 3
+PROBE_SECONDS = 0.2
+# The fewest tokens a design shape is measured up to, whatever the rate.
+MIN_PLANNED_TOKENS = 16
+
+
+def matmul_flops_per_second(
+    device: torch.device, dtype: torch.dtype, size: int | None = None, seconds: float = PROBE_SECONDS
+) -> float:
+    """The device's rate on a compute-bound square matmul: warmed up, then one batch of calls filling about `seconds`,
+    timed as one (CUDA events and a single synchronize on GPU, a perf counter elsewhere).
+
+    Args:
+        size (`int`, *optional*): the matmul's side (default: `PROBE_SIZES` of the device type).
+    """
+    size = size or PROBE_SIZES.get(device.type, PROBE_SIZES["cpu"])
+    a = torch.randn(size, size, device=device).to(dtype)  # (size, size)
+    b = torch.randn(size, size, device=device).to(dtype)  # (size, size)
+    for _ in range(PROBE_WARM_UP_CALLS):
         torch.mm(a, b)
-        calls += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - started
-        if elapsed >= seconds and calls >= 3:
-            break
-    return 2.0 * size**3 * calls / elapsed
+    one_ms = timed_call_ms(lambda: torch.mm(a, b), device)
+    calls = max(PROBE_MIN_CALLS, math.ceil(seconds * 1e3 / max(one_ms, 1e-3)))
+
+    def batch() -> None:
+        for _ in range(calls):
+            torch.mm(a, b)
+
+    return 2.0 * size**3 * calls / (timed_call_ms(batch, device) / 1e3)
 
 
 def token_counts(shape: DesignShape, flops_per_second: float, seconds_per_call: float, max_tokens: int) -> list[int]:
-    """The default grid up to where one call would take about `seconds_per_call` (at least up to 16 tokens)."""
-    limit = max(16, int(seconds_per_call * flops_per_second / shape.flops_per_token()))
+    """The default grid up to where one call would take about `seconds_per_call` (at least up to
+    `MIN_PLANNED_TOKENS`): the plan, which `more_tokens` extends when the calls measured are shorter."""
+    limit = max(MIN_PLANNED_TOKENS, int(seconds_per_call * flops_per_second / shape.flops_per_token()))
     return default_token_grid(min(limit, max_tokens))
+
+
+def more_tokens(points: list[Measurement], seconds_per_call: float, max_tokens: int) -> list[int]:
+    """The grid counts to measure next for a design shape swept at the counts of `points`: none once the fastest
+    backend's call at the largest count takes `seconds_per_call` or the largest count is `max_tokens`; else those up to
+    where that call would take `seconds_per_call` if its latency grew in proportion to the tokens (at least the next
+    grid count). A launch-bound latency grows slower, so this stops short and is asked again after those counts."""
+    largest = max((m.num_tokens for m in points), default=0)
+    timed = [m.median_ms for m in points if m.num_tokens == largest and m.status == Status.OK and m.median_ms]
+    if not timed or largest >= max_tokens or min(timed) >= seconds_per_call * 1e3:
+        return []
+    reach = largest * seconds_per_call * 1e3 / min(timed)
+    beyond = [n for n in default_token_grid(max_tokens) if n > largest]
+    return [n for n in beyond if n <= reach] or beyond[:1]
 
 
 def layer_config(shape: DesignShape):

@@ -1,11 +1,15 @@
 """`calibrate_device_model()`: the design shapes, scaled to the device -> one sweep each -> a device model, saved.
 
+Each shape's sweep runs the counts its plan gives (`design.token_counts`, from the device's matmul rate), then more
+while its calls are still shorter than `seconds_per_call` (`design.more_tokens`).
+
 The points measured so far are checkpointed after every token count (`<stem>.checkpoint` beside the device model);
 `resume=True` keeps them. Ctrl-C raises `CalibrationInterrupted` naming the checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -26,7 +30,8 @@ from ..freshness import library_versions
 from ..layer import DEFAULT_BACKENDS
 from ..selection import runnable_backends
 from ..store import atomic_write_bytes, default_write_dir, file_target
-from .design import DESIGN_SHAPES, build_design_layer, matmul_flops_per_second, scale_to_fit, token_counts
+from .design import DESIGN_SHAPES, build_design_layer, matmul_flops_per_second, more_tokens, scale_to_fit, token_counts
+from .experts_layer import ExpertsLayer
 from .run import resolve_device, resolve_dtype, runnable_for_shape
 from .sweep import SweepOptions, run_sweep
 
@@ -121,7 +126,7 @@ def calibrate_device_model(
                 compile_mode=compile_mode,
                 seed=index,
             )
-            points = run_sweep(layer, torch_device, torch_dtype, options)
+            points = sweep_design_shape(layer, torch_device, torch_dtype, options, seconds_per_call, max_tokens)
             results.append(ShapePoints(layer.spec, tuple(points)))
             del layer
             bar.update()
@@ -163,6 +168,25 @@ def calibrate_device_model(
         "device model (%s) fitted on %d shapes in %.1f s", model.form, len(results), time.perf_counter() - started
     )
     return profile
+
+
+def sweep_design_shape(
+    layer: ExpertsLayer,
+    device: torch.device,
+    dtype: torch.dtype,
+    options: SweepOptions,
+    seconds_per_call: float,
+    max_tokens: int,
+) -> list[Measurement]:
+    """`run_sweep` at `options.tokens` (the plan), then at `design.more_tokens` until a call of the fastest backend
+    takes `seconds_per_call` or `max_tokens` is measured: a low estimate of the device's rate stops no sweep early."""
+    points = run_sweep(layer, device, dtype, options)
+    while extra := more_tokens(points, seconds_per_call, max_tokens):
+        logger.info("%s: calls still under %g s at %d tokens; measuring %s too",
+                    layer.spec.describe(), seconds_per_call, points[-1].num_tokens, extra)  # fmt: skip
+        options = dataclasses.replace(options, tokens=[*options.tokens, *extra], done=points)
+        points = run_sweep(layer, device, dtype, options)
+    return points
 
 
 def _read_checkpoint(path: Path, header: dict) -> dict[int, list[Measurement]]:
