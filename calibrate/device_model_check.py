@@ -178,6 +178,8 @@ def _measured_check(profile, device_profile: DeviceProfile, budget_bytes: float)
     fallback = fallback_table(spec, candidates, budget_bytes)
     check = ShapeCheck(profile.metadata.get("model", {}).get("name") or spec.experts_class, spec, 1)
     for n, points in measured_by_tokens(profile.measurements).items():
+        if not set(candidates) <= set(points):  # a crossover's refined count: only its two contenders were timed
+            continue
         choices = {"device_model": predicted.region_for(n).backend, "fallback": fallback.region_for(n).backend}
         medians = {b: pick_ms(points, b) for b in {*points, *choices.values()}}
         check.points.append({"tokens": n, "median_ms": medians, "oracle": min(medians, key=medians.get), **choices})

@@ -28,6 +28,7 @@ from ..selection import runnable_backends
 from ..store import default_write_dir, file_target
 from .adaptive import device_model_tokens
 from .checkpoint import checkpoint_path, read_checkpoint, write_checkpoint
+from .crossovers import refine_crossovers, refinement_budget
 from .experts_layer import ExpertsLayer, build_experts_layer
 from .model_source import ModelSource, resolve_model
 from .routing import Routing
@@ -99,6 +100,7 @@ def calibrate(
     ep_size: int = 1,
     ep_implementation: str = "auto",
     routing: Routing | str | None = None,
+    refine: bool | None = None,
 ) -> Profile:
     """Calibrates one model's experts layer on a device and saves the profile.
 
@@ -127,6 +129,10 @@ def calibrate(
             (the default), `"zipf:S"` or a routing file from `autoexperts.record_routing` (see
             `calibration.routing`). The profile records it. A device model, measured with uniform routing, does not
             choose the counts of a skewed calibration: it measures the default grid.
+        refine (`bool`, *optional*): after the sweep, measure the counts around each crossover again, the two
+            contenders interleaved, so the switch lands within one grid step (see `calibration.crossovers`; adds at
+            most a tenth of the sweep's time). Default: when `tokens` is not given (given counts are measured as
+            given).
 
     Several processes calibrating the same layer on the same kind of device at once (the ranks of a `torchrun`
     launch) measure it once: the first takes the layer's lock and measures, the others wait for it and return the
@@ -195,6 +201,7 @@ def calibrate(
         parallel=parallel,
         launch=launch_id(),
         started=started,
+        refine=tokens is None if refine is None else refine,
     )
     return calibrate_layer(plan)
 
@@ -224,6 +231,8 @@ class LayerCalibration:
     started: float  # `time.perf_counter()` when the calibration began
     # The most memory one sweep point may take (default: `SWEEP_MEMORY_FRACTION` of the free memory).
     memory_limit_bytes: float | None = None
+    # Measure the counts around each crossover again after the sweep (`calibration.crossovers`).
+    refine: bool = False
 
     @property
     def target(self) -> Path:
@@ -307,9 +316,17 @@ def _calibrate_layer(plan: LayerCalibration) -> Profile:
         routing=plan.routing,
     )
     try:  # until the profile is saved, an interruption or a crash leaves the checkpoint to resume from
+        sweep_started = time.perf_counter()
         measurements = run_sweep(layer, plan.device, plan.dtype, options)
+        refinement = None
+        if plan.refine:
+            budget = refinement_budget(time.perf_counter() - sweep_started)
+            refinement = refine_crossovers(layer, plan.device, plan.dtype, measurements, options, budget)
+            measurements = refinement.points
         elapsed = time.perf_counter() - plan.started
         profile = _profile(layer, plan.source, plan.device_name, plan.device, measurements, options, elapsed, guide)
+        if refinement is not None:
+            profile.metadata["sweep"]["refined"] = refinement.to_json()
         if plan.parallel:
             profile.metadata["parallel"] = plan.parallel
         if plan.launch:  # the torchrun launch it was measured in: its other ranks use this profile
