@@ -1,32 +1,45 @@
 #!/usr/bin/env bash
-# The GPU suite: one command of under 10 minutes that runs, in order of what matters most, each step in a time box
-# of its own, so that a step that breaks or runs long costs only its own box:
-#
-#   1. the CUDA tests;
-#   2. `autoexperts calibrate` of every preset (the profiles to ship under profiles/<gpu>/);
-#   3. `autoexperts bench` on the Qwen1.5-MoE-A2.7B shape with those profiles: layer sweep, Transformers' forward grid
-#      (batch {1, 4} x sequence {16, 128}), generate() batch 1, dispatch overhead; then generate() at batch 8;
-#   4. the memory budget at work: the forward grid again under AUTOEXPERTS_MEMORY_BUDGET (batched_mm's spike);
-#   5. `autoexperts calibrate --device-model`;
-#   6. more presets' benchmarks while time is left.
+# The GPU suite: one command of at most ~9 minutes (GPU_SUITE_SECONDS, default 530 s) that runs the stage for the GPU it
+# finds, its steps in order of what matters most, each in a time box of its own: a step that breaks or runs long costs
+# only its box, one that would get under 30 s is skipped, and the suite as a whole never fails over a step. Run it as
 #
 #   PYTHONPATH=. bash calibrate/gpu_suite.sh "$OUT"
 #
-# GPU_SUITE_STAGE=next (once the first stage's profiles ship under profiles/<gpu>/) runs what the first left open,
-# with the shipped profiles instead of calibrating again:
+# The stage (GPU_SUITE_STAGE=new-gpu|h200 overrides it): `h200` where profiles/<this GPU>/ ships profiles (only the
+# H200 does), else `new-gpu`.
 #
-#   1. the CUDA tests;
-#   2. generate() with 7 rounds at batch 1, 8 and 64 (64: decode steps above the batched_mm crossover, where
-#      Transformers' fixed decode-time switch to batched_mm is wrong);
-#   3. calibration and the forward grid under torch.compile (default mode);
-#   4. the float16 device model for the rest of the time, under cProfile (its checkpoint comes back: resume it
-#      with GPU_SUITE_STAGE=float16-device-model GPU_SUITE_RESUME=DIR, DIR holding that checkpoint in <gpu>/).
-#
-# GPU_SUITE_STAGE=third: the device models again (bfloat16 and float16, timed against 180 s), then max-autotune.
+# new-gpu (a GPU with no shipped profiles, an H100 say): what a user of that GPU lacks, then what can be judged there
+#    1. the CUDA tests; the matmul-rate probe against matmuls timed directly; auto's per-call cost, piece by piece;
+#    2. `calibrate` of the 7 presets, bfloat16, uncompiled, full grid (one process: calibrate_presets.py), the profiles
+#       to ship under profiles/<gpu>/;
+#    3. the bfloat16 device model, timed (target <= 180 s), and its picks on those 7 profiles (<= 1.05 median, <= 1.10);
+#    4. qwen1.5's forward table with >= 20 interleaved rounds per cell (auto within 2 % of the backend it runs);
+#    5. generate() at batch 64, 1 and 8 against Transformers' default; the layer sweep and dispatch overhead;
+#    6. a calibration with Transformers' other backends where registered (sonicmoe, deepgemm); tune; serve.
+# h200 (the H200, whose presets' profiles ship): what its runs left open
+#    1. the CUDA tests, the probe, the per-call cost;
+#    2. the bfloat16 device model re-timed against 180 s, and its picks on the shipped profiles;
+#    3. the uncompiled forward table with >= 20 rounds (the shipped profiles);
+#    4. the float16 device model, timed; its held-out regrets (from its JSON) decide whether it ships;
+#    5. the forward table under torch.compile mode `default` (the shipped `default` profiles);
+#    6. the crossovers: qwen3 and qwen1.5 calibrated afresh (with the crossover refinement), qwen3's layer sweep on them;
+#    7. a `max-autotune-no-cudagraphs` calibration of qwen1.5; other backends where registered; tune; serve.
+# tune and serve run only where the tree has them (`autoexperts.tune`, `bench --parts serve`); else one line says so.
 #
 # Everything goes to one folder ($1, else $OUT, else ./gpu-suite-results): suite.log, and results.tar.gz, rewritten
-# after every step (a device run brings back few files), holding env.txt, pytest-cuda.txt, <step>.log and the
-# results folders: profiles/<device>/ (copy into the repository's profiles/), bench-*/<device>/*.{json,md,png}.
+# after every step, holding env.txt, <step>.log for every step, and the results: profiles/<gpu>/ (copy into the
+# repository's profiles/), bench-like folders <step>/<gpu>/*.{json,md,png}, probe.json, per-call-cost.md,
+# <calibration step>-summary.json, device-model-check-*.{json,md}, profiles-other-backends/, tune/tune-in-place.json.
+#
+# On a CPU, to try a stage (tiny models, the grid cut to 64 tokens; see "Next GPU run" in docs/results.md;
+# GPU_SUITE_STAGE=h200 there calibrates stand-ins for the shipped profiles first):
+#
+#   GPU_SUITE_DEVICE=cpu GPU_SUITE_DTYPE=float32 GPU_SUITE_STAGE=new-gpu GPU_SUITE_PRESETS="small-moe olmoe-1b-7b" \
+#   GPU_SUITE_TABLE_MODEL=small-moe GPU_SUITE_CROSSOVER_MODELS=small-moe GPU_SUITE_EXTRA_MODEL=small-moe \
+#   GPU_SUITE_TOKENS=1,2,3,4,6,8,12,16,24,32,48,64 GPU_SUITE_LONG_PREFILL=256 GPU_SUITE_GENERATE_ROUNDS=2 \
+#   PYTHONPATH=. bash calibrate/gpu_suite.sh /tmp/dry-new-gpu
+#
+# GPU_SUITE_SKIP="step ..." skips the named steps; GPU_SUITE_BOX_PERCENT scales every box (and the 30 s minimum).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,14 +47,21 @@ out=${1:-${OUT:-gpu-suite-results}}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 work=${GPU_SUITE_WORK:-$(mktemp -d)}  # the results, packed into $out/results.tar.gz after every step
-budget_seconds=${GPU_SUITE_SECONDS:-570}  # the device tool's limit is 600 s: leave room to pack and return
+mkdir -p "$work"
+budget_seconds=${GPU_SUITE_SECONDS:-530}  # one device command may run 600 s: leave room to pack and return
+box_percent=${GPU_SUITE_BOX_PERCENT:-100}  # every step's box scaled (a dry run's)
 device=${GPU_SUITE_DEVICE:-cuda}  # cpu only to try the script itself
 dtype=${GPU_SUITE_DTYPE:-bfloat16}
 presets=${GPU_SUITE_PRESETS:-"qwen1.5-moe-a2.7b qwen3-30b-a3b olmoe-1b-7b mixtral-8x7b gpt-oss-20b deepseek-v3 solar-open-100b"}
 table_model=${GPU_SUITE_TABLE_MODEL:-qwen1.5-moe-a2.7b}
-more_benches=${GPU_SUITE_MORE_BENCHES:-"qwen3-30b-a3b gpt-oss-20b"}
-budget_demo=${GPU_SUITE_BUDGET:-4GiB}
+crossover_models=${GPU_SUITE_CROSSOVER_MODELS:-"qwen3-30b-a3b qwen1.5-moe-a2.7b"}
+extra_model=${GPU_SUITE_EXTRA_MODEL:-qwen3-30b-a3b}
+shipped=${GPU_SUITE_SHIPPED:-profiles}
 long_prefill=${GPU_SUITE_LONG_PREFILL:-8192}
+forward_rounds=${GPU_SUITE_FORWARD_ROUNDS:-20}
+generate_rounds=${GPU_SUITE_GENERATE_ROUNDS:-10}
+tokens=${GPU_SUITE_TOKENS:-}  # a dry run's short list of counts for every calibration (default: the full grid)
+skip=" ${GPU_SUITE_SKIP:-} "  # step names not to run (a second run that goes on where a first stopped, a dry run)
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
@@ -51,134 +71,173 @@ pack() {
     tar -czf "$out/results.tar.gz.part" -C "$work" . && mv "$out/results.tar.gz.part" "$out/results.tar.gz"
 }
 
-# step NAME CAP COMMAND...: runs COMMAND with its output in $work/NAME.log, for at most CAP seconds and never past
-# the suite's budget; skipped when under 30 s would be left for it.
+# step NAME CAP COMMAND...: runs COMMAND with its output in $work/NAME.log, for at most CAP seconds and never past the
+# suite's budget; skipped when under 30 s would be left for it (CAP and the 30 s scaled by GPU_SUITE_BOX_PERCENT).
 step() {
-    local name=$1 cap=$2
+    local name=$1 cap=$(($2 * box_percent / 100)) least=$((30 * box_percent / 100))
     shift 2
+    if [[ "$skip" == *" $name "* ]]; then
+        echo "== $name: skipped (GPU_SUITE_SKIP)"
+        return 0
+    fi
     local left=$((budget_seconds - SECONDS))
     local box=$((cap < left ? cap : left))
-    if [ "$box" -lt 30 ]; then
-        echo "== $name: skipped (${left}s left)"
+    if [ "$box" -lt "$least" ]; then
+        echo "== $name: skipped (${left}s left of the suite's ${budget_seconds}s)"
         return 0
     fi
     echo "== $name (box ${box}s, ${SECONDS}s elapsed): $*"
     local started=$SECONDS
     timeout --signal INT --kill-after 10 "$box" "$@" >"$work/$name.log" 2>&1
     local status=$?
-    echo "   exit $status after $((SECONDS - started))s"
-    grep -E "^(met|MISSED|n/a)|Error|error:" "$work/$name.log" | head -n 12
+    echo "   exit $status after $((SECONDS - started))s$([ "$status" = 124 ] && echo ' (cut off by its box)')"
+    grep -E "^(met|MISSED|n/a)|Error|error:|FAILED|calibrated in|^[a-z0-9.-]+: .* s by the tool|^held out|^Device model" \
+        "$work/$name.log" | head -n 16
     pack
     return 0
+}
+
+# bench NAME CAP PROFILE_DIR [ARGS...]: `autoexperts bench` into $work/NAME with the profiles of PROFILE_DIR.
+bench() {
+    local name=$1 cap=$2 profile_dir=$3
+    shift 3
+    step "$name" "$cap" "$python" -m autoexperts bench --device "$device" --dtype "$dtype" --out "$work/$name" \
+        --profile-dir "$profile_dir" --seconds-per-point 0.25 --long-prefill "$long_prefill" --prompt-length 128 \
+        --new-tokens 64 --no-progress "$@"
+}
+
+# calibrate NAME CAP PRESETS [ARGS...]: calibrate_presets.py of the comma-separated PRESETS into $work/profiles (one
+# process; the full grid, or GPU_SUITE_TOKENS; crossovers refined).
+calibrate() {
+    local name=$1 cap=$2 models=$3
+    shift 3
+    step "$name" "$cap" "$python" calibrate/calibrate_presets.py --presets "$models" --device "$device" \
+        --dtype "$dtype" --out "$work/profiles" --summary "$work/$name-summary.json" --seconds-per-point 0.2 \
+        --full-grid ${tokens:+--tokens "$tokens"} "$@"
+}
+
+# device_model DTYPE CAP: the device model of DTYPE, timed by the tool (it prints "calibrated in N s").
+device_model() {
+    step "device-model-$1" "$2" "$python" -m autoexperts calibrate --device-model --device "$device" --dtype "$1" \
+        --out "$work/profiles" --no-progress
+}
+
+# check_device_model DTYPE PROFILES: its held-out regrets per form (from its JSON), then its picks on the exact
+# profiles of PROFILES/<gpu>/ (nothing timed; $work/profiles is the trusted profile folder, so nothing is refit).
+check_device_model() {
+    local model
+    model=$(ls "$work"/profiles/*/device-model-"$1"-none.json 2>/dev/null | head -n 1)
+    if [ -z "$model" ]; then
+        echo "== device-model-check-$1: skipped (no $1 device model came out)"
+        return 0
+    fi
+    step "device-model-held-out-$1" 30 "$python" -c "import json, sys
+model = json.load(open(sys.argv[1]))
+print(f\"{sys.argv[1]}: form {model['form']}, calibrated in {model['sweep']['wall_seconds']} s, matmul rate \"
+      f\"{model['device']['matmul_flops_per_second'] / 1e12:.1f} TFLOP/s\")
+for form in model['leave_one_shape_out']:
+    print(f\"held out, {form['form']:<9}: median {form['median_regret']:.3f}, worst {form['worst_regret']:.3f}\")" "$model"
+    AUTOEXPERTS_PROFILE_DIR=$work/profiles step "device-model-check-$1" 60 "$python" calibrate/device_model_check.py \
+        --device-model "$model" --against-profiles "$2/$slug" --out "$work/device-model-check-$1.json"
+}
+
+# Transformers' experts backends beyond the default three (sonicmoe, deepgemm on SM90+; their kernels come from the
+# Hub, which a machine without network cannot reach): one calibration with them where any is registered.
+other_backends() {
+    local others
+    others=$("$python" -c "import transformers.integrations.moe
+from autoexperts.layer import DEFAULT_BACKENDS, registered_backends
+print(','.join(b for b in registered_backends() if b not in DEFAULT_BACKENDS and b != 'deepgemm_megamoe'))")
+    if [ -z "$others" ]; then
+        echo "== other-backends: skipped (only $("$python" -c "from autoexperts.layer import registered_backends
+import transformers.integrations.moe; print(', '.join(registered_backends()))") registered here)"
+        return 0
+    fi
+    step other-backends 90 "$python" -m autoexperts calibrate --model "$extra_model" --device "$device" \
+        --dtype "$dtype" --backends "eager,batched_mm,grouped_mm,$others" --out "$work/profiles-other-backends" \
+        --seconds-per-point 0.2 --no-progress --full-grid ${tokens:+--tokens "$tokens"} -v
+}
+
+tune() {
+    if ! "$python" -c "import autoexperts; assert hasattr(autoexperts, 'tune')" 2>/dev/null; then
+        echo "== tune: skipped (autoexperts.tune is not in this tree)"
+        return 0
+    fi
+    step tune 90 "$python" calibrate/tune_in_place.py --model "$table_model" --device "$device" --dtype "$dtype" \
+        --out "$work/tune"
+}
+
+serve() {  # continuous batching, once `bench --parts serve` has landed
+    if ! "$python" -c "from autoexperts.choices import BENCH_PARTS; assert 'serve' in BENCH_PARTS" 2>/dev/null; then
+        echo "== serve: skipped (bench --parts serve is not in this tree)"
+        return 0
+    fi
+    bench serve 90 "$1" --model "$table_model" --parts serve --rounds 3
 }
 
 {
     date -u
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
-    "$python" -c "import torch, transformers, sklearn; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-'transformers', transformers.__version__, 'sklearn', sklearn.__version__, \
-'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+    "$python" -c "import torch, transformers, sklearn
+import transformers.integrations.moe
+from autoexperts.layer import registered_backends
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'sklearn',
+      sklearn.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+print('experts backends:', ', '.join(registered_backends()))"
 } >"$work/env.txt" 2>&1
 cat "$work/env.txt"
 
-step pytest-cuda 75 "$python" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py
+slug=$("$python" -c "import torch
+from autoexperts.device import device_name, device_slug
+print(device_slug(device_name(torch.device('$device'))))")
+stage=${GPU_SUITE_STAGE:-}
+if [ -z "$stage" ]; then
+    stage=new-gpu
+    ls "$shipped/$slug"/*-none.json >/dev/null 2>&1 && stage=h200
+fi
+echo "== stage $stage on $slug (shipped profiles: $(ls "$shipped/$slug" 2>/dev/null | grep -c '\.json$'))"
 
-bench() {  # bench NAME CAP [ARGS...]: `autoexperts bench` into $work/NAME, with the profiles in $profiles_for_bench
-    local name=$1 cap=$2
-    shift 2
-    step "$name" "$cap" "$python" -m autoexperts bench --device "$device" --dtype "$dtype" --out "$work/$name" \
-        --profile-dir "$profiles_for_bench" --seconds-per-point 0.25 --long-prefill "$long_prefill" \
-        --prompt-length 128 --new-tokens 64 --no-progress "$@"
-}
+step pytest-cuda 60 "$python" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step matmul-probe 45 "$python" calibrate/matmul_probe_check.py --device "$device" --dtype "$dtype" \
+    --out "$work/probe.json"
+step per-call-cost 45 "$python" calibrate/per_call_cost.py --model "$table_model" --device "$device" --dtype "$dtype" \
+    --out "$work/per-call-cost.md"
 
-# GPU_SUITE_RESUME=DIR: a folder holding <gpu>/<checkpoint> of an interrupted calibration, copied where the
-# calibrations below write, so that their --resume goes on from it.
-bring_back_checkpoints() {
-    if [ -n "${GPU_SUITE_RESUME:-}" ]; then
-        mkdir -p "$work/profiles" && cp -r "$GPU_SUITE_RESUME"/. "$work/profiles/"
+if [ "$stage" = new-gpu ]; then
+    calibrate calibrate-presets 200 "${presets// /,}"
+    device_model "$dtype" 200
+    check_device_model "$dtype" "$work/profiles"
+    bench table-forward 100 "$work/profiles" --model "$table_model" --parts forward --forward-rounds "$forward_rounds"
+    for batch in 64 1 8; do
+        bench "table-generate-b$batch" 70 "$work/profiles" --model "$table_model" --parts generate \
+            --batch-size "$batch" --rounds "$generate_rounds"
+    done
+    bench table-sweep 75 "$work/profiles" --model "$table_model" --parts overhead,sweep
+    other_backends
+    tune
+    serve "$work/profiles"
+elif [ "$stage" = h200 ]; then
+    if [ ! -d "$shipped/$slug" ]; then  # a dry run on a machine without shipped profiles: stand-ins for them
+        calibrate shipped-stand-ins 100 "$table_model" --out "$work/shipped"
+        calibrate shipped-stand-ins-compiled 100 "$table_model" --out "$work/shipped" --compile default
+        shipped=$work/shipped
     fi
-}
-
-# The float16 device model, under cProfile to see where its calibration time goes (219 s in bfloat16, the target is
-# 180 s); cut off by its box, its checkpoint comes back in profiles/<gpu>/: GPU_SUITE_RESUME=DIR (a folder holding
-# <gpu>/device-model-float16-none.checkpoint) goes on from it.
-float16_device_model() {
-    bring_back_checkpoints
-    step device-model-float16 600 "$python" -m cProfile -o "$work/device-model-float16.prof" -m autoexperts \
-        calibrate --device-model --device "$device" --dtype float16 --out "$work/profiles" --no-progress \
-        ${GPU_SUITE_RESUME:+--resume}
-}
-
-if [ "${GPU_SUITE_STAGE:-first}" = float16-device-model ]; then
-    float16_device_model
-    echo "suite finished in ${SECONDS}s"
-    pack
-    exit 0
+    device_model "$dtype" 200
+    check_device_model "$dtype" "$shipped"
+    bench table-forward 100 "$shipped" --model "$table_model" --parts forward --forward-rounds "$forward_rounds"
+    device_model float16 200
+    check_device_model float16 "$shipped"
+    bench table-forward-compile-default 120 "$shipped" --model "$table_model" --parts forward --compile default \
+        --forward-rounds "$forward_rounds"
+    calibrate crossovers 90 "${crossover_models// /,}"
+    bench crossovers-sweep 90 "$work/profiles" --model "${crossover_models%% *}" --parts overhead,sweep
+    calibrate calibrate-max-autotune 150 "$table_model" --compile max-autotune-no-cudagraphs
+    other_backends
+    tune
+    serve "$shipped"
+else
+    echo "unknown GPU_SUITE_STAGE=$stage: use new-gpu or h200"
 fi
-
-# The third stage (after the sweep stopped collecting garbage per count and keeps cheap slow backends): both device
-# models timed afresh against the 180 s target (bfloat16 replaces the shipped one if its held-out regret holds;
-# float16 is shipped if its held-out worst case is sane), then max-autotune-no-cudagraphs for the rest.
-if [ "${GPU_SUITE_STAGE:-first}" = third ]; then
-    bring_back_checkpoints
-    step pytest-cuda 75 "$python" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py
-    step device-model-bfloat16 200 "$python" -m autoexperts calibrate --device-model --device "$device" \
-        --dtype bfloat16 --out "$work/profiles" --no-progress
-    step device-model-float16 200 "$python" -m autoexperts calibrate --device-model --device "$device" \
-        --dtype float16 --out "$work/profiles" --no-progress
-    step calibrate-max-autotune 600 "$python" -m autoexperts calibrate --model "$table_model" --device "$device" \
-        --dtype "$dtype" --compile max-autotune-no-cudagraphs --out "$work/profiles" --seconds-per-point 0.2 \
-        --no-progress ${GPU_SUITE_RESUME:+--resume}
-    echo "suite finished in ${SECONDS}s"
-    pack
-    exit 0
-fi
-
-if [ "${GPU_SUITE_STAGE:-first}" = next ]; then
-    profiles_for_bench=profiles
-    for batch in 1 8 64; do
-        bench "table-generate-b$batch" 70 --model "$table_model" --parts generate --batch-size "$batch" --rounds 7
-    done
-    step calibrate-compile-default 150 "$python" -m autoexperts calibrate --model "$table_model" --device "$device" \
-        --dtype "$dtype" --compile default --out "$work/profiles" --seconds-per-point 0.2 --no-progress
-    profiles_for_bench=$work/profiles
-    bench table-forward-compile-default 90 --model "$table_model" --parts forward --compile default
-    float16_device_model
-    echo "suite finished in ${SECONDS}s"
-    pack
-    exit 0
-fi
-
-# The profiles to ship, one calibration per preset as a user runs it.
-calibrate_all() {
-    local preset
-    for preset in $presets; do
-        echo "-- calibrate $preset"
-        local started=$SECONDS
-        "$python" -m autoexperts calibrate --model "$preset" --device "$device" --dtype "$dtype" \
-            --out "$work/profiles" --seconds-per-point 0.2 --no-progress --full-grid || echo "calibrate $preset: exit $?"
-        echo "-- $preset took $((SECONDS - started))s"
-    done
-}
-export -f calibrate_all
-export work presets device dtype python
-step calibrate-presets 170 bash -c calibrate_all
-profiles_for_bench=$work/profiles
-
-# A benchmark writes its results when it ends: one part per command, so that a part cut off by its box loses no other.
-bench table-sweep 75 --model "$table_model" --parts overhead,sweep
-bench table-forward 75 --model "$table_model" --parts forward
-bench table-generate-b1 60 --model "$table_model" --parts generate --batch-size 1
-bench table-generate-b8 60 --model "$table_model" --parts generate --batch-size 8
-AUTOEXPERTS_MEMORY_BUDGET=$budget_demo bench table-forward-budget 60 --model "$table_model" --parts forward
-
-step device-model 130 "$python" -m autoexperts calibrate --device-model --device "$device" --dtype "$dtype" \
-    --out "$work/profiles" --no-progress
-
-for preset in $more_benches; do
-    bench "sweep-$preset" 60 --model "$preset" --parts overhead,sweep
-    bench "forward-generate-$preset" 60 --model "$preset" --parts forward,generate
-done
 
 echo "suite finished in ${SECONDS}s"
 pack
