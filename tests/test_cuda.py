@@ -1,13 +1,17 @@
 """On a CUDA device: calibration with CUDA events and allocator peaks, and auto dispatch on CUDA tensors."""
 
+import math
+
 import pytest
 import torch
 
 import autoexperts
 from autoexperts.calibration.design import matmul_flops_per_second
 from autoexperts.calibration.run import calibrate
+from autoexperts.table import build_profile_table
 from autoexperts.timing import timed_call_ms
 from tests.conftest import CROSSOVER_CURVES, layer_spec, synthetic_profile, tiny_model
+from tests.test_crossovers import BACKENDS, GRID, SWITCH, near_tie  # noqa: F401 (near_tie: a fixture)
 
 pytestmark = pytest.mark.cuda
 
@@ -49,3 +53,12 @@ def test_matmul_probe_reads_the_rate_of_a_directly_timed_large_matmul_on_cuda():
     torch.mm(a, b)
     milliseconds = sorted(timed_call_ms(lambda: torch.mm(a, b), device) for _ in range(5))[2]
     assert 0.67 <= probe / (2.0 * size**3 / (milliseconds / 1e3)) <= 1.5
+
+
+@pytest.mark.usefixtures("near_tie")
+def test_a_crossover_lands_where_the_latencies_cross_timed_with_cuda_events(profile_dir, tmp_path):
+    # The synthetic near-tie of test_crossovers (the backends sleep on the host), timed with CUDA events.
+    profile = calibrate(model="small-moe", device="cuda", dtype="bfloat16", tokens=GRID, backends=BACKENDS,
+                        out=tmp_path, progress=False, seconds_per_point=0.05, refine=True)  # fmt: skip
+    table = build_profile_table(profile.spec, profile.cost_model, BACKENDS, math.inf)
+    assert [(r.first, r.backend) for r in table.regions] == [(1, "batched_mm"), (SWITCH, "grouped_mm")]
