@@ -49,7 +49,7 @@ from .expert_parallel import parallel_layer_of
 from .layer import DEFAULT_BACKENDS, LayerSpec, is_experts_module, registered_backends
 from .profile import Profile
 from .report import profile_table
-from .selection import runnable_backends
+from .selection import LayerKey, calibrate_hint, runnable_backends
 from .table import Region, Source
 
 logger = logging.getLogger(__name__)
@@ -301,6 +301,17 @@ def _tune_recorded(model: torch.nn.Module, groups: dict[LayerSpec, list], option
     source = ModelSource(config, "tuned in place", getattr(config, "_name_or_path", "") or type(model).__name__)
     for spec, members in groups.items():
         name, module, _ = members[0]
+        with _local_parameters(module):
+            held = LayerSpec.of(module, spec.top_k)
+        if held != spec:  # e.g. FSDP shards the experts further: the rank holds less than its forward gathers
+            warnings.warn(
+                f"autoexperts: tune cannot measure {spec.describe()} in place: {name} holds "
+                f"{held.num_experts} experts between forwards, its forward runs {spec.num_experts}; calibrate it "
+                f"with: {calibrate_hint(LayerKey.of(module, module.down_proj.device, spec.top_k))}",
+                ProfileWarning,
+                stacklevel=4,
+            )
+            continue
         device = module.down_proj.device
         calls = collections.Counter()
         for _, _, layer in members:
