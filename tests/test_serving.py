@@ -1,9 +1,17 @@
-"""`autoexperts serve`'s parts: the warm-up file, running it under `tune`, and `auto` as the default experts
-implementation."""
+"""`autoexperts serve`: the warm-up file, `auto` as the default experts implementation, and Transformers' server run
+with it over loopback HTTP on a tiny local model (a bounded number of requests; never a server left behind)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,10 +24,14 @@ from autoexperts.serving.experts_default import HOOK, auto_by_default
 from autoexperts.serving.warmup import DEFAULT_MAX_TOKENS, WarmUp, WarmUpRequest, read_warm_up, run_warm_up
 from tests.conftest import TINY_CONFIGS, tiny_model
 
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers")
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
     "{% if add_generation_prompt %}assistant : {% endif %}"
 )
+SERVER_START_SECONDS = 180  # imports, the model's process and the load (and with --tune-on, a tiny sweep)
+REQUEST_SECONDS = 60
 
 
 def _tiny_tokenizer():
@@ -158,3 +170,176 @@ def test_the_default_is_restored_when_the_block_raises(model_dir):
     with pytest.raises(RuntimeError, match="boom"), auto_by_default():
         raise RuntimeError("boom")
     assert vars(PreTrainedModel)[HOOK] is original
+
+
+# --- the command's own arguments: one line, exit status 2, no torch ------------------------------------------------
+
+
+def _cli_in_fresh_python(args: list[str], before: str = "") -> dict:
+    code = f"""
+import contextlib, io, json, sys
+{before}
+import autoexperts.cli
+out, err = io.StringIO(), io.StringIO()
+with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+        status = autoexperts.cli.main({args!r})
+    except SystemExit as exit_:
+        status = exit_.code
+heavy = sorted(name for name in {HEAVY!r} if name in sys.modules)
+print(json.dumps({{"status": status, "heavy": heavy, "out": out.getvalue(), "err": err.getvalue()}}))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_serve_help_says_what_it_does_without_torch():
+    result = _cli_in_fresh_python(["serve", "--help"])
+    assert result["status"] == 0 and result["heavy"] == []
+    assert "usage: autoexperts serve" in result["out"] and "--tune-on FILE" in result["out"]
+    assert "goes to transformers serve unchanged" in " ".join(result["out"].split())
+
+
+@pytest.mark.parametrize(
+    ("args", "file_text", "message"),
+    [
+        (["--tune-on", "{missing}"], None, "autoexperts: error: --tune-on {missing}: no such file"),
+        (["--tune-on", "{file}"], "[]\n", "autoexperts: error: --tune-on {file}, line 1: expected a JSON string"),
+        (["--tune-seconds-per-point", "0.1", "MODEL"], None, "--tune-seconds-per-point applies to --tune-on"),
+        (["--tune-on", "{file}", "--tune-seconds-per-point", "0"], '"x"\n', "'0' must be positive"),
+        (["--tune-on"], None, "argument --tune-on: expected one argument"),
+    ],
+)
+def test_our_argument_errors_are_one_line_with_status_2_and_no_torch(tmp_path, args, file_text, message):
+    file, missing = tmp_path / "warm.jsonl", tmp_path / "missing.jsonl"
+    if file_text is not None:
+        file.write_text(file_text)
+    args = [arg.format(file=file, missing=missing) for arg in args]
+    result = _cli_in_fresh_python(["serve", *args])
+    assert result["status"] == 2 and result["heavy"] == []
+    assert result["err"].count("\n") == 1 and message.format(file=file, missing=missing) in result["err"]
+
+
+def test_missing_serving_extras_are_named_in_one_line_with_status_2():
+    # A module set to None in sys.modules cannot be imported: as if fastapi and uvicorn were not installed.
+    before = "sys.modules['fastapi'] = None; sys.modules['uvicorn'] = None"
+    result = _cli_in_fresh_python(["serve", "some/model", "--port", "8000"], before=before)
+    assert result["status"] == 2 and result["heavy"] == []
+    assert result["err"] == (
+        "autoexperts: error: serve needs Transformers' serving extras; missing here: fastapi, uvicorn. "
+        "Install them: pip install 'autoexperts[serve]'\n"
+    )
+
+
+def test_a_malformed_memory_budget_is_refused_before_serving():
+    result = _cli_in_fresh_python(
+        ["serve", "some/model"], before="import os; os.environ['AUTOEXPERTS_MEMORY_BUDGET'] = 'x'"
+    )
+    assert result["status"] == 2 and result["heavy"] == []
+    assert result["err"].startswith("autoexperts: error: AUTOEXPERTS_MEMORY_BUDGET") and result["err"].count("\n") == 1
+
+
+def test_other_commands_still_refuse_unknown_arguments():
+    result = _cli_in_fresh_python(["presets", "--port", "8000"])
+    assert result["status"] == 2 and "unrecognized arguments: --port 8000" in result["err"]
+
+
+# --- Transformers' server, over loopback HTTP ---------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _http(url: str, body: dict | None = None, timeout: float = REQUEST_SECONDS) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.status, json.loads(response.read() or b"{}")
+
+
+@contextlib.contextmanager
+def _server(args: list[str], log: Path, env: dict):
+    """`autoexperts serve ARGS` on a free loopback port, its stderr in `log`: its base URL once /health answers.
+    On exit, Ctrl-C (SIGINT), then whatever of its process group is left is killed."""
+    port = _free_port()
+    command = [sys.executable, "-m", "autoexperts", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("w") as stderr:
+        server = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + SERVER_START_SECONDS
+        while True:
+            assert server.poll() is None, f"the server exited with {server.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"no answer on {url} in {SERVER_START_SECONDS} s:\n{log.read_text()}"
+            with contextlib.suppress(OSError):
+                if _http(f"{url}/health", timeout=2)[0] == 200:
+                    break
+            time.sleep(0.5)
+        yield url
+        server.send_signal(signal.SIGINT)  # Ctrl-C: uvicorn shuts down, the model's process exits with it
+        server.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)  # the session started above: the server and its children
+        server.wait(timeout=60)
+
+
+def _chat(url: str, model: str | None, text: str, max_tokens: int = 4) -> dict:
+    body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens}
+    if model is not None:
+        body["model"] = model
+    status, answer = _http(f"{url}/v1/chat/completions", body)
+    assert status == 200, answer
+    assert answer["choices"][0]["message"]["content"].strip()
+    assert 1 <= answer["usage"]["completion_tokens"] <= max_tokens
+    return answer
+
+
+def _decisions(log_text: str) -> list[str]:
+    """The `[autoexperts] <layer> num_tokens=N -> backend [source] ...` lines AUTOEXPERTS_LOG=1 prints."""
+    return [line for line in log_text.splitlines() if line.startswith("[autoexperts] Qwen3MoeExperts(")]
+
+
+@pytest.fixture
+def server_env(tmp_path):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("openai")
+    profiles = tmp_path / "profiles"
+    return profiles, {
+        **os.environ,
+        "AUTOEXPERTS_LOG": "1",
+        "AUTOEXPERTS_PROFILE_DIR": str(profiles),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+
+
+@pytest.mark.slow
+def test_served_model_runs_auto_by_default_tuned_on_the_warm_up(model_dir, server_env, tmp_path):
+    """The model of the command line loads with auto (Transformers 5.25: in a process of its own), runs the warm-up
+    by the fallback rule (no profile yet), is tuned before the server listens, then serves from tune's profile."""
+    profiles, env = server_env
+    warm = tmp_path / "warm.jsonl"
+    warm.write_text('"w1 w2 w3 w4"\n{"prompt": "w5 w6 w7 w8 w9 w10", "max_tokens": 3}\n')
+    log = tmp_path / "server.log"
+    args = [str(model_dir), "--device", "cpu", "--tune-on", str(warm), "--tune-seconds-per-point", "0.01"]
+    with _server(args, log, env) as url:
+        warm_up_log = log.read_text()  # the server listens only once the model is loaded and tuned
+        _chat(url, None, "w1 w2 w3")
+        _chat(url, str(model_dir), "w4 w5 w6 w7 w8")  # naming the model, as OpenAI clients do
+    text = log.read_text()
+    assert text.startswith(warm_up_log) and "Traceback" not in text
+    warm_up, served = _decisions(warm_up_log), _decisions(text[len(warm_up_log) :])
+    assert warm_up and all(line.endswith("[fallback]") for line in warm_up), text  # auto, before any profile
+    assert served and all(" [profile] " in line for line in served), text
+    (profile,) = profiles.glob("*/*.json")
+    assert json.loads(profile.read_text())["sweep"]["routing"]["source"] == "autoexperts.tune, in place"
