@@ -1,5 +1,6 @@
 """The `autoexperts` command: `calibrate` a model's experts layer (or the whole device) here, `show` the profiles'
-decision tables, `bench` auto against every fixed backend, and list the built-in `presets`."""
+decision tables, `bench` auto against every fixed backend, list the built-in `presets`, and `serve` models with
+Transformers' server, auto by default."""
 
 from __future__ import annotations
 
@@ -189,7 +190,42 @@ def _build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("presets", parents=[verbose], help="list the built-in presets")
     _add_bench_parser(commands, verbose)
+    _add_serve_parser(commands, verbose)
     return parser
+
+
+_SERVE_DESCRIPTION = (
+    'Runs Transformers\' server (transformers serve) in this process, with experts_implementation="auto" as the '
+    "default of every model it loads (a model loaded with an explicit experts implementation keeps it). Every "
+    "argument other than the options below goes to transformers serve unchanged: the model, --port, "
+    "--continuous-batching, ... (transformers serve --help lists them). Needs Transformers' serving extras: "
+    "pip install 'autoexperts[serve]'."
+)
+
+
+def _add_serve_parser(commands, verbose: argparse.ArgumentParser) -> None:
+    # allow_abbrev=False: an option of transformers serve must never be taken for an abbreviation of ours.
+    serve = commands.add_parser(
+        "serve",
+        parents=[verbose],
+        allow_abbrev=False,
+        usage="autoexperts serve [-h] [-v] [--tune-on FILE] [--tune-seconds-per-point S] [TRANSFORMERS_SERVE_ARGS ...]",
+        help="run transformers serve with auto as every model's experts implementation",
+        description=_SERVE_DESCRIPTION,
+    )
+    serve.add_argument(
+        "--tune-on",
+        metavar="FILE",
+        help='a warm-up file (JSON Lines: a prompt string, or {"messages": [...]} or {"prompt": ...}, with an '
+        'optional "max_tokens", a line): each model the server loads runs it inside autoexperts.tune before its '
+        "first request, and auto decides from the profiles measured",
+    )
+    serve.add_argument(
+        "--tune-seconds-per-point",
+        type=_positive_float,
+        metavar="S",
+        help="--tune-on's timing budget per token count (default: 0.6, as calibrate)",
+    )
 
 
 def _add_bench_parser(commands, verbose: argparse.ArgumentParser) -> None:
@@ -436,6 +472,29 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace, transformers_args: list[str]) -> int:
+    """Checks our options and the warm-up file (no torch yet), then runs transformers serve with the rest."""
+    from .serving.command import check_extras, run
+    from .serving.warmup import read_warm_up
+
+    if args.tune_seconds_per_point is not None and args.tune_on is None:
+        raise UsageError("--tune-seconds-per-point applies to --tune-on: give a warm-up file")
+    _check_environment_budget()  # before serving: every layer would otherwise warn and use the default
+    warm_up = None
+    if args.tune_on is not None:
+        try:
+            warm_up = read_warm_up(args.tune_on, args.tune_seconds_per_point)
+        except UsageError as error:
+            raise UsageError(f"--tune-on {error}") from None
+    check_extras()
+    tuned = "" if warm_up is None else f", each tuned on {warm_up.source} ({len(warm_up.requests)} requests) first"
+    print(
+        f"autoexperts serve: models load with experts_implementation='auto' unless they name one{tuned}",
+        file=sys.stderr,
+    )
+    return run(transformers_args, warm_up)
+
+
 def _presets() -> int:
     from .presets import DEFAULT_PRESET, PRESETS
 
@@ -465,13 +524,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args, rest = parser.parse_known_args(argv)  # `serve` passes the arguments it does not know on
+    if rest and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     if args.verbose:
         logging.getLogger("autoexperts").setLevel(logging.DEBUG)
-    else:  # keep errors to our one line: third-party retries and notices only with -v
+    elif args.command != "serve":  # keep errors to our one line: third-party retries and notices only with -v
         from transformers.utils import logging as transformers_logging  # after parsing: --help needs none of it
 
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
@@ -481,6 +543,8 @@ def _main(argv: list[str] | None) -> int:
             _check_environment_budget()  # before measuring: calibrate prints its table under this budget at the end
             if args.pin_allocator:
                 _pin_allocator()
+        if args.command == "serve":
+            return _serve(args, rest)
         if args.command == "calibrate":
             return _calibrate(args)
         if args.command == "show":
