@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from autoexperts.bench.analysis import headline_figures
+from autoexperts.bench.analysis import headline_figures, spans_crossovers
 from autoexperts.bench.run import BenchOptions, run_benchmark
 from autoexperts.bench.serve import (
     ContinuousBatching,
@@ -169,9 +169,9 @@ def test_serve_part_writes_consistent_results(tiny_model_folder, tmp_path, profi
     assert list((tmp_path / "results").glob("*/profiles-serve-tuned/*/*.json")), "the tuned profile is kept apart"
     assert not list(profiles.glob("*/*.previous.json")), "the reused profile folder is left as it was"
     if importlib.util.find_spec("matplotlib") is None:  # the optional extra: no plot, and no error
-        assert "serve_plot" not in results["files"]
+        assert "serve" not in results["files"]
         return
-    with open(results["files"]["serve_plot"], "rb") as png:
+    with open(results["files"]["serve"], "rb") as png:
         assert png.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "-serve.png)" in markdown
 
@@ -192,6 +192,20 @@ def _serve_results(auto_over_best: float, auto_over_default: float) -> dict:
         "tune": {"wall_seconds": 30.0},
     }
     return {"kind": "autoexperts-bench", "machine": {"device_type": "cpu"}, "serve": serve}
+
+
+@pytest.mark.parametrize(
+    ("crossovers", "says"),
+    [
+        ([600], "steps of 1–1024 tokens span the crossover(s) at 600"),  # steps below and above it
+        ([1, 600, 5000], "span the crossover(s) at 600, not those at 1, 5000"),  # no step below 1 nor from 5000 up
+        ([2000], "span no crossover of auto's table (at 2000)"),  # every step below it
+        ([], "auto's table has no crossover"),  # one backend at every count
+    ],
+)
+def test_spans_crossovers_says_which_the_steps_reach(crossovers, says):
+    serve = {"crossovers": [{"tokens": n} for n in crossovers], "steps": {"sizes": [1, 40, 1024]}}
+    assert says in spans_crossovers(serve)
 
 
 @pytest.mark.parametrize(

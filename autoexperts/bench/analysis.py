@@ -235,7 +235,8 @@ def headline_figures(results: dict) -> list[dict]:
 
 
 def spans_crossovers(serve: dict) -> str:
-    """Whether the serve trace's step sizes span the crossovers of `auto`'s table, in words."""
+    """Which crossovers of `auto`'s table the serve trace's step sizes span (some steps below, some at or above), in
+    words."""
     crossovers = [c["tokens"] for c in serve["crossovers"]]
     steps = serve["steps"]["sizes"]
     if not crossovers:
@@ -243,9 +244,12 @@ def spans_crossovers(serve: dict) -> str:
     if not steps:
         return "no step was recorded"
     spanned = [n for n in crossovers if min(steps) < n <= max(steps)]
-    where = ", ".join(str(n) for n in crossovers)
-    words = "span" if len(spanned) == len(crossovers) else "do not span" if not spanned else "span some of"
-    return f"steps of {min(steps)}–{max(steps)} tokens {words} the crossover(s) at {where}"
+    others = [n for n in crossovers if n not in spanned]
+    words = f"steps of {min(steps)}–{max(steps)} tokens "
+    if not spanned:
+        return words + f"span no crossover of auto's table (at {', '.join(map(str, others))})"
+    words += f"span the crossover(s) at {', '.join(map(str, spanned))}"
+    return words + (f", not those at {', '.join(map(str, others))}" if others else "")
 
 
 def _serve_figures(serve: dict, add) -> None:

@@ -363,6 +363,6 @@ def markdown_report(results: dict) -> str:
         name = plot.rsplit("/", 1)[-1]
         lines += ["", f"![latency against token count]({name})"]
     if "serve" in results:
-        plot = results.get("files", {}).get("serve_plot")
+        plot = results.get("files", {}).get("serve")
         lines += ["", "## 6. Continuous batching", "", *_serve(results["serve"], plot)]
     return "\n".join(lines) + "\n"

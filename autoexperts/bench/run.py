@@ -393,7 +393,7 @@ def _write(results: dict, folder: Path, stem: str, profile: Profile) -> dict:
         files["plot"] = str(plot_path)
     serve_plot_path = folder / f"{stem}-serve.png"
     if write_serve_plot(results, serve_plot_path):
-        files["serve_plot"] = str(serve_plot_path)
+        files["serve"] = str(serve_plot_path)
     results["files"] = files
     json_path.write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
     markdown_path.write_text(markdown_report(results), encoding="utf-8")
