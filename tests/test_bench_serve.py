@@ -126,6 +126,8 @@ def test_serve_part_writes_consistent_results(tiny_model_folder, tmp_path, profi
     assert contenders["default"]["same_as"] == "grouped_mm"
     assert contenders["default"]["dispatched"] == {"grouped_mm": serve["steps"]["count"]}
     assert contenders["auto"]["dispatched"] == {"auto": serve["steps"]["count"]}
+    timed = ["auto", "batched_mm", "eager", "grouped_mm"]  # the default is grouped_mm's twin, not timed again
+    assert len(serve["round_orders"]) == 2 and all(sorted(order) == timed for order in serve["round_orders"])
     for run in contenders.values():
         assert run["status"] == "ok" and len(run["samples_ms"]) == 2
         assert run["tokens_per_second"] == pytest.approx(serve["trace"]["generated_tokens"] / run["median_ms"] * 1e3)

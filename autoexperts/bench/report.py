@@ -271,6 +271,13 @@ def _serve(serve: dict, plot: str | None = None) -> list[str]:
     header = ["Implementation", "Median wall", "of which serving", "Mean", "P90", "tokens/s", "Peak Mem",
               "vs best fixed", "vs default", "same tokens as eager", "note"]  # fmt: skip
     lines += _table(header, rows)
+    if "round_orders" in serve:  # recorded since the first committed run
+        lines += [
+            "",
+            f"Round orders: {'; '.join(', '.join(order) for order in serve['round_orders'])}. Load average (1, 5, "
+            f"15 min) at the part's start {serve['load_average_at_start']}, at its end {serve['load_average_at_end']} "
+            "(the machine's other work slows whole servings).",
+        ]
     lines += [
         "",
         f"auto / best fixed ({best or '—'}): **{_ratio(serve['auto_over_best_fixed'])}**; auto / Transformers' "

@@ -23,6 +23,7 @@ import inspect
 import itertools
 import logging
 import math
+import os
 import random
 import statistics
 import time
@@ -361,6 +362,7 @@ def run_serve(model: torch.nn.Module, device: torch.device, spec: TraceSpec, set
             runs[name] = ServeRun(ContenderRun(status=Status.SKIPPED, note=f"largest step ({largest_step}): {skip}"))
 
     results: dict = {
+        "load_average_at_start": _load_average(),
         "trace": trace.to_json(),
         "warmup_trace": warmup_trace.to_json(),
         "continuous_batching": batching.settings,
@@ -371,9 +373,19 @@ def run_serve(model: torch.nn.Module, device: torch.device, spec: TraceSpec, set
         results["auto_regions"], results["crossovers"] = _auto_table(experts[0], device, top_k)
         auto_decisions = _warm_up(model, batching, trace, recorder, names, runs)
         _default_alias(runs, default_backend)
-        _timed_rounds(model, batching, trace, device, runs, setup)
+        results["round_orders"] = _timed_rounds(model, batching, trace, device, runs, setup)
     model.set_experts_implementation(AUTO)
+    results["load_average_at_end"] = _load_average()
     return results | _summary(trace, runs, auto_decisions, len(experts), default_backend)
+
+
+def _load_average() -> list[float] | None:
+    """The machine's 1-, 5- and 15-minute load averages (None where the OS has none): a shared machine's other work
+    slows the servings of a whole trace, which take seconds to minutes each."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def _tune(model, batching: ContinuousBatching, warmup_trace: Trace, setup: ServeSetup) -> tuple[dict, int]:
@@ -462,12 +474,12 @@ def _default_alias(runs: dict[str, ServeRun], default_backend: str) -> None:
         default.alias = default_backend
 
 
-def _timed_rounds(model, batching, trace, device, runs: dict[str, ServeRun], setup: ServeSetup) -> None:
-    """Interleaved timed rounds of the contenders that warmed up, in a new seeded order every round; one whose
-    warm-up took `slow_factor` times the fastest's is reported with that one timing, not timed further."""
+def _timed_rounds(model, batching, trace, device, runs: dict[str, ServeRun], setup: ServeSetup) -> list[list[str]]:
+    """Interleaved timed rounds of the contenders that warmed up, in a new seeded order every round (returned); one
+    whose warm-up took `slow_factor` times the fastest's is reported with that one timing, not timed further."""
     warmed = {name: r for name, r in runs.items() if r.run.status == Status.OK and r.alias is None}
     if not warmed:
-        return
+        return []
     fastest = min(r.warm_ms for r in warmed.values())
     timed = []
     for name, serve_run in warmed.items():
@@ -478,7 +490,8 @@ def _timed_rounds(model, batching, trace, device, runs: dict[str, ServeRun], set
         else:
             timed.append(name)
     peaks: dict[str, int] = {}
-    for order in round_orders(timed, setup.rounds):
+    orders = list(round_orders(timed, setup.rounds))
+    for order in orders:
         for name in order:
             model.set_experts_implementation(name if name != DEFAULT else transformers_default(model))
             if device.type == "cuda":
@@ -499,6 +512,7 @@ def _timed_rounds(model, batching, trace, device, runs: dict[str, ServeRun], set
             serve_run.run.samples_ms = list(runs[serve_run.alias].run.samples_ms)
             serve_run.serving_ms = list(runs[serve_run.alias].serving_ms)
             serve_run.run.peak_bytes = runs[serve_run.alias].run.peak_bytes
+    return orders
 
 
 def _summary(trace: Trace, runs: dict[str, ServeRun], auto_decisions, layers: int, default_backend: str) -> dict:
