@@ -220,7 +220,7 @@ def _generation(results: dict) -> list[str]:
 
 
 def _range(first: int, last: int | None) -> str:
-    return f"{first}–{'∞' if last is None else last}"
+    return str(first) if first == last else f"{first}–{'∞' if last is None else last}"
 
 
 def _serve(serve: dict, plot: str | None = None) -> list[str]:
