@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from . import settings
-from .choices import BENCH_PARTS, CALIBRATION_MODES, EP_IMPLEMENTATIONS, NONE
+from .choices import BENCH_PARTS, CALIBRATION_MODES, DEFAULT_BENCH_PARTS, EP_IMPLEMENTATIONS, NONE
 from .errors import BackendFailedWarning, CalibrationInterrupted, ProfileWarning, UsageError
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,20 @@ def _positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be positive")
     return value
+
+
+def _token_range(text: str) -> tuple[int, int]:
+    """`MIN-MAX` (inclusive, positive, MIN <= MAX), or one count `N` for `N-N`."""
+    low, _, high = text.partition("-")
+    try:
+        low, high = int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a range MIN-MAX of token counts, e.g. 16-1024") from None
+    if low < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: token counts must be positive integers")
+    if low > high:
+        raise argparse.ArgumentTypeError(f"{text!r}: MIN is above MAX")
+    return low, high
 
 
 def _budget_setting(text: str) -> tuple[str, float]:
@@ -246,18 +260,44 @@ def _add_bench_parser(commands, verbose: argparse.ArgumentParser) -> None:
     bench.add_argument(
         "--parts",
         type=_choice_list(BENCH_PARTS, "benchmark part"),
-        default=list(BENCH_PARTS),
-        help=f"comma-separated parts (default: {','.join(BENCH_PARTS)})",
+        default=list(DEFAULT_BENCH_PARTS),
+        help=f"comma-separated parts of {','.join(BENCH_PARTS)} (default: {','.join(DEFAULT_BENCH_PARTS)}; serve is "
+        "continuous batching on a request trace, with auto tuned in place)",
     )
     bench.add_argument("--layers", type=_positive_int, default=2, help="decoder layers of the benchmark model")
     bench.add_argument("--long-prefill", type=_positive_int, default=2048, help="tokens of the long prefill point")
     bench.add_argument("--batch-size", type=_positive_int, default=1, help="generate(): sequences per batch")
     bench.add_argument("--prompt-length", type=_positive_int, default=128, help="generate(): prompt tokens")
     bench.add_argument("--new-tokens", type=_positive_int, default=32, help="generate(): new tokens per call")
-    bench.add_argument("--rounds", type=_positive_int, default=3, help="generate(): timed rounds per contender")
+    bench.add_argument(
+        "--rounds", type=_positive_int, default=3, help="generate() and serve: timed rounds per contender"
+    )
+    bench.add_argument("--requests", type=_positive_int, default=64, help="serve: requests in the trace")
+    bench.add_argument(
+        "--serve-prompt-lengths",
+        type=_token_range,
+        default=(16, 1024),
+        metavar="MIN-MAX",
+        help="serve: prompt lengths, drawn log-uniform (default: 16-1024)",
+    )
+    bench.add_argument(
+        "--serve-new-tokens",
+        type=_token_range,
+        default=(16, 128),
+        metavar="MIN-MAX",
+        help="serve: new tokens per request, drawn uniform (default: 16-128)",
+    )
+    bench.add_argument(
+        "--max-batch-tokens",
+        type=_positive_int,
+        help="serve: the most tokens one continuous-batching step takes (default: Transformers' own)",
+    )
     bench.add_argument("--seconds-per-point", type=_positive_float, default=1.0, help="timing budget per point")
     bench.add_argument(
-        "--calibration-seconds-per-point", type=_positive_float, default=0.6, help="calibrate's timing budget"
+        "--calibration-seconds-per-point",
+        type=_positive_float,
+        default=0.6,
+        help="timing budget per token count of calibrate and of serve's tune in place",
     )
     bench.add_argument("--routing", type=_routing, help=_ROUTING_HELP + "; calibrated and measured with it")
     bench.add_argument(
@@ -457,6 +497,10 @@ def _bench(args: argparse.Namespace) -> int:
         prompt_length=args.prompt_length,
         new_tokens=args.new_tokens,
         generate_rounds=args.rounds,
+        requests=args.requests,
+        serve_prompt_lengths=args.serve_prompt_lengths,
+        serve_new_tokens=args.serve_new_tokens,
+        max_batch_tokens=args.max_batch_tokens,
         seconds_per_point=args.seconds_per_point,
         calibration_seconds_per_point=args.calibration_seconds_per_point,
         progress=not args.no_progress,

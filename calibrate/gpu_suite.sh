@@ -24,6 +24,11 @@
 #
 # GPU_SUITE_STAGE=third: the device models again (bfloat16 and float16, timed against 180 s), then max-autotune.
 #
+# GPU_SUITE_STAGE=serve: continuous batching (`bench --parts serve`: a 64-request trace, auto tuned in place against
+# every fixed backend and Transformers' default) on the qwen3-30b-a3b shape, its layer calibrated first (no shipped
+# profile is assumed: any GPU), steps of up to 2048 tokens, spanning the GPU's batched_mm -> grouped_mm crossover at
+# a few tokens; then the same on gpt-oss-20b while time is left.
+#
 # Everything goes to one folder ($1, else $OUT, else ./gpu-suite-results): suite.log, and results.tar.gz, rewritten
 # after every step (a device run brings back few files), holding env.txt, pytest-cuda.txt, <step>.log and the
 # results folders: profiles/<device>/ (copy into the repository's profiles/), bench-*/<device>/*.{json,md,png}.
@@ -129,6 +134,18 @@ if [ "${GPU_SUITE_STAGE:-first}" = third ]; then
     step calibrate-max-autotune 600 "$python" -m autoexperts calibrate --model "$table_model" --device "$device" \
         --dtype "$dtype" --compile max-autotune-no-cudagraphs --out "$work/profiles" --seconds-per-point 0.2 \
         --no-progress ${GPU_SUITE_RESUME:+--resume}
+    echo "suite finished in ${SECONDS}s"
+    pack
+    exit 0
+fi
+
+if [ "${GPU_SUITE_STAGE:-first}" = serve ]; then
+    for model in ${GPU_SUITE_SERVE_MODELS:-qwen3-30b-a3b gpt-oss-20b}; do
+        # shellcheck disable=SC2086  # the extra arguments are words
+        step "serve-$model" 300 "$python" -m autoexperts bench --model "$model" --device "$device" --dtype "$dtype" \
+            --out "$work/serve-$model" --parts serve --calibration-seconds-per-point 0.2 --no-progress \
+            ${GPU_SUITE_SERVE_ARGS:---max-batch-tokens 2048 --rounds 5}
+    done
     echo "suite finished in ${SECONDS}s"
     pack
     exit 0
