@@ -504,6 +504,7 @@ def _bench(args: argparse.Namespace) -> int:
         seconds_per_point=args.seconds_per_point,
         calibration_seconds_per_point=args.calibration_seconds_per_point,
         progress=not args.no_progress,
+        pin_allocator=args.pin_allocator,
         routing=args.routing,
         compare_profile_dir=Path(args.compare_profile_dir).expanduser() if args.compare_profile_dir else None,
     )

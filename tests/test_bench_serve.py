@@ -95,7 +95,9 @@ def test_transformers_without_continuous_batching_skips_the_part_in_one_line():
     model = torch.nn.Linear(2, 2)  # stands for a model of a transformers without generate_batch
     reason = ContinuousBatching.unavailable_reason(model)
     assert "no continuous batching" in reason and "\n" not in reason
-    setup = ServeSetup(None, 1, guard=None, tune_folder=None, tune_seconds_per_point=0.1, reading_profiles_from=None)
+    setup = ServeSetup(
+        None, 1, guard=None, tune_folder=None, tune_seconds_per_point=0.1, progress=False, reading_profiles_from=None
+    )
     assert run_serve(model, torch.device("cpu"), TraceSpec(), setup) == {"skipped": reason}
 
 

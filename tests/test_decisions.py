@@ -100,7 +100,9 @@ def test_package_logger_has_null_handler():
     ],
 )
 def test_autoexperts_log_prints_each_new_decision_once(tmp_path, setup):
-    code = setup + """
+    code = (
+        setup
+        + """
 import torch
 from tests.conftest import tiny_model
 model = tiny_model("mixtral")
@@ -108,6 +110,7 @@ with torch.no_grad():
     for seq in (4, 4, 9):
         model(input_ids=torch.zeros(1, seq, dtype=torch.long))
 """
+    )
     env = {**os.environ, "AUTOEXPERTS_LOG": "1", "AUTOEXPERTS_PROFILE_DIR": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     printed = [line for line in result.stderr.splitlines() if "num_tokens=" in line]

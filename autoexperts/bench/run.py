@@ -73,6 +73,8 @@ class BenchOptions:
     seconds_per_point: float = 1.0
     calibration_seconds_per_point: float = 0.6
     progress: bool = True
+    # On CPU, glibc's allocator thresholds are pinned in this process (`--pin-allocator`), and so in its calibration.
+    pin_allocator: bool = False
     # The distribution the calibration and the layer sweep draw experts from (default: uniform).
     routing: Routing | None = None
     # A folder whose profile for the layer has its picks read off the same sweep timings (default, with a routing
@@ -109,6 +111,8 @@ def _calibrate(options: BenchOptions, device: torch.device, dtype: torch.dtype, 
         command += ["--routing", options.routing.text()]
     if not options.progress:
         command.append("--no-progress")
+    if options.pin_allocator:  # as this process: the crossovers measured there must hold here
+        command.append("--pin-allocator")
     logger.info("calibrating: %s", " ".join(command))
     started = time.perf_counter()
     completed = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
@@ -306,6 +310,7 @@ def _serve(options: BenchOptions, model, device: torch.device, folder: Path, gua
         guard=guard,
         tune_folder=folder / "profiles-serve-tuned",
         tune_seconds_per_point=options.calibration_seconds_per_point,
+        progress=options.progress,
         reading_profiles_from=_reading_profiles_from,
     )
     return run_serve(model, device, spec, setup)

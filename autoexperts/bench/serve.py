@@ -334,6 +334,7 @@ class ServeSetup:
     guard: MemoryGuard
     tune_folder: Path
     tune_seconds_per_point: float
+    progress: bool
     # Points `auto` at a profile folder for the block (the benchmark's `_reading_profiles_from`).
     reading_profiles_from: Callable[[Path], contextlib.AbstractContextManager]
     slow_factor: float = SLOW_FACTOR
@@ -397,7 +398,10 @@ def _tune(model, batching: ContinuousBatching, warmup_trace: Trace, setup: Serve
     started = time.perf_counter()
     with warnings.catch_warnings():  # no profile yet, by design: the block runs on the fallback rule
         warnings.simplefilter("ignore", ProfileMissingWarning)
-        with tune(model, out=setup.tune_folder, seconds_per_point=setup.tune_seconds_per_point) as report:
+        tuning = tune(
+            model, out=setup.tune_folder, seconds_per_point=setup.tune_seconds_per_point, progress=setup.progress
+        )
+        with tuning as report:
             batching.serve(model, warmup_trace)
     seconds = time.perf_counter() - started
     logger.info("tuned in place in %.1f s:\n%s", seconds, report.summary())
