@@ -98,5 +98,7 @@ if _settings.log_decisions_enabled():
     _dispatch_logger = logging.getLogger("autoexperts.dispatch")
     _dispatch_logger.addHandler(_printer)
     _dispatch_logger.setLevel(logging.DEBUG)
+    # Printed here, once: a handler the application (or the CLI) put on the root logger would print each again.
+    _dispatch_logger.propagate = False
 
 _registration.install()

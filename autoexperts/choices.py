@@ -29,8 +29,11 @@ NONE, DEFAULT, EXPORT = CompileMode.NONE, CompileMode.DEFAULT, CompileMode.EXPOR
 CALIBRATION_MODES = (NONE, DEFAULT, CompileMode.MAX_AUTOTUNE_NO_CUDAGRAPHS)
 # The modes that capture CUDA graphs, which `grouped_mm`'s kernel cannot be part of.
 CUDA_GRAPH_MODES = (CompileMode.REDUCE_OVERHEAD, CompileMode.MAX_AUTOTUNE)
-# The parts of `autoexperts bench`, in the order they run.
-BENCH_PARTS = ("sweep", "forward", "generate", "overhead")
+# The parts of `autoexperts bench`, in the order they run (the overhead first, whatever the order given).
+BENCH_PARTS = ("sweep", "forward", "generate", "overhead", "serve")
+# The parts `autoexperts bench` runs without `--parts`: `serve` (continuous batching) is asked for by name, since it
+# tunes `auto` in place and serves a whole trace several times per contender (minutes on a CPU).
+DEFAULT_BENCH_PARTS = ("sweep", "forward", "generate", "overhead")
 # How tokens reach a rank's experts under expert parallelism (`calibrate --ep-implementation`), as Transformers'
 # `DistributedConfig.ep_implementation` names them (its "auto": Transformers' inference choice).
 EP_IMPLEMENTATIONS = ("auto", "all_to_all", "all_reduce")

@@ -1,5 +1,6 @@
 """The `autoexperts` command: `calibrate` a model's experts layer (or the whole device) here, `show` the profiles'
-decision tables, `bench` auto against every fixed backend, and list the built-in `presets`."""
+decision tables, `bench` auto against every fixed backend, list the built-in `presets`, and `serve` models with
+Transformers' server, auto by default."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from . import settings
-from .choices import BENCH_PARTS, CALIBRATION_MODES, EP_IMPLEMENTATIONS, NONE
+from .choices import BENCH_PARTS, CALIBRATION_MODES, DEFAULT_BENCH_PARTS, EP_IMPLEMENTATIONS, NONE
 from .errors import BackendFailedWarning, CalibrationInterrupted, ProfileWarning, UsageError
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,20 @@ def _positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be positive")
     return value
+
+
+def _token_range(text: str) -> tuple[int, int]:
+    """`MIN-MAX` (inclusive, positive, MIN <= MAX), or one count `N` for `N-N`."""
+    low, _, high = text.partition("-")
+    try:
+        low, high = int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a range MIN-MAX of token counts, e.g. 16-1024") from None
+    if low < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: token counts must be positive integers")
+    if low > high:
+        raise argparse.ArgumentTypeError(f"{text!r}: MIN is above MAX")
+    return low, high
 
 
 def _budget_setting(text: str) -> tuple[str, float]:
@@ -189,7 +204,42 @@ def _build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("presets", parents=[verbose], help="list the built-in presets")
     _add_bench_parser(commands, verbose)
+    _add_serve_parser(commands, verbose)
     return parser
+
+
+_SERVE_DESCRIPTION = (
+    'Runs Transformers\' server (transformers serve) in this process, with experts_implementation="auto" as the '
+    "default of every model it loads (a model loaded with an explicit experts implementation keeps it). Every "
+    "argument other than the options below goes to transformers serve unchanged: the model, --port, "
+    "--continuous-batching, ... (transformers serve --help lists them). Needs Transformers' serving extras: "
+    "pip install 'autoexperts[serve]'."
+)
+
+
+def _add_serve_parser(commands, verbose: argparse.ArgumentParser) -> None:
+    # allow_abbrev=False: an option of transformers serve must never be taken for an abbreviation of ours.
+    serve = commands.add_parser(
+        "serve",
+        parents=[verbose],
+        allow_abbrev=False,
+        usage="autoexperts serve [-h] [-v] [--tune-on FILE] [--tune-seconds-per-point S] [TRANSFORMERS_SERVE_ARGS ...]",
+        help="run transformers serve with auto as every model's experts implementation",
+        description=_SERVE_DESCRIPTION,
+    )
+    serve.add_argument(
+        "--tune-on",
+        metavar="FILE",
+        help='a warm-up file (JSON Lines: a prompt string, or {"messages": [...]} or {"prompt": ...}, with an '
+        'optional "max_tokens", a line): each model the server loads runs it inside autoexperts.tune before its '
+        "first request, and auto decides from the profiles measured",
+    )
+    serve.add_argument(
+        "--tune-seconds-per-point",
+        type=_positive_float,
+        metavar="S",
+        help="--tune-on's timing budget per token count (default: 0.6, as calibrate)",
+    )
 
 
 def _add_bench_parser(commands, verbose: argparse.ArgumentParser) -> None:
@@ -210,23 +260,49 @@ def _add_bench_parser(commands, verbose: argparse.ArgumentParser) -> None:
     bench.add_argument(
         "--parts",
         type=_choice_list(BENCH_PARTS, "benchmark part"),
-        default=list(BENCH_PARTS),
-        help=f"comma-separated parts (default: {','.join(BENCH_PARTS)})",
+        default=list(DEFAULT_BENCH_PARTS),
+        help=f"comma-separated parts of {','.join(BENCH_PARTS)} (default: {','.join(DEFAULT_BENCH_PARTS)}; serve is "
+        "continuous batching on a request trace, with auto tuned in place)",
     )
     bench.add_argument("--layers", type=_positive_int, default=2, help="decoder layers of the benchmark model")
     bench.add_argument("--long-prefill", type=_positive_int, default=2048, help="tokens of the long prefill point")
     bench.add_argument("--batch-size", type=_positive_int, default=1, help="generate(): sequences per batch")
     bench.add_argument("--prompt-length", type=_positive_int, default=128, help="generate(): prompt tokens")
     bench.add_argument("--new-tokens", type=_positive_int, default=32, help="generate(): new tokens per call")
-    bench.add_argument("--rounds", type=_positive_int, default=3, help="generate(): timed rounds per contender")
+    bench.add_argument(
+        "--rounds", type=_positive_int, default=3, help="generate() and serve: timed rounds per contender"
+    )
     bench.add_argument(
         "--forward-rounds",
         type=_positive_int,
         help="model forward: the fewest interleaved rounds per point (default: 20)",
     )
+    bench.add_argument("--requests", type=_positive_int, default=64, help="serve: requests in the trace")
+    bench.add_argument(
+        "--serve-prompt-lengths",
+        type=_token_range,
+        default=(16, 1024),
+        metavar="MIN-MAX",
+        help="serve: prompt lengths, drawn log-uniform (default: 16-1024)",
+    )
+    bench.add_argument(
+        "--serve-new-tokens",
+        type=_token_range,
+        default=(16, 128),
+        metavar="MIN-MAX",
+        help="serve: new tokens per request, drawn uniform (default: 16-128)",
+    )
+    bench.add_argument(
+        "--max-batch-tokens",
+        type=_positive_int,
+        help="serve: the most tokens one continuous-batching step takes (default: Transformers' own)",
+    )
     bench.add_argument("--seconds-per-point", type=_positive_float, default=1.0, help="timing budget per point")
     bench.add_argument(
-        "--calibration-seconds-per-point", type=_positive_float, default=0.6, help="calibrate's timing budget"
+        "--calibration-seconds-per-point",
+        type=_positive_float,
+        default=0.6,
+        help="timing budget per token count of calibrate and of serve's tune in place",
     )
     bench.add_argument("--routing", type=_routing, help=_ROUTING_HELP + "; calibrated and measured with it")
     bench.add_argument(
@@ -427,9 +503,14 @@ def _bench(args: argparse.Namespace) -> int:
         new_tokens=args.new_tokens,
         generate_rounds=args.rounds,
         **({"forward_rounds": args.forward_rounds} if args.forward_rounds else {}),
+        requests=args.requests,
+        serve_prompt_lengths=args.serve_prompt_lengths,
+        serve_new_tokens=args.serve_new_tokens,
+        max_batch_tokens=args.max_batch_tokens,
         seconds_per_point=args.seconds_per_point,
         calibration_seconds_per_point=args.calibration_seconds_per_point,
         progress=not args.no_progress,
+        pin_allocator=args.pin_allocator,
         routing=args.routing,
         compare_profile_dir=Path(args.compare_profile_dir).expanduser() if args.compare_profile_dir else None,
     )
@@ -440,6 +521,29 @@ def _bench(args: argparse.Namespace) -> int:
     for kind, path in results["files"].items():
         print(f"{kind:<9}{path}")
     return 0
+
+
+def _serve(args: argparse.Namespace, transformers_args: list[str]) -> int:
+    """Checks our options and the warm-up file (no torch yet), then runs transformers serve with the rest."""
+    from .serving.command import check_extras, run
+    from .serving.warmup import read_warm_up
+
+    if args.tune_seconds_per_point is not None and args.tune_on is None:
+        raise UsageError("--tune-seconds-per-point applies to --tune-on: give a warm-up file")
+    _check_environment_budget()  # before serving: every layer would otherwise warn and use the default
+    warm_up = None
+    if args.tune_on is not None:
+        try:
+            warm_up = read_warm_up(args.tune_on, args.tune_seconds_per_point)
+        except UsageError as error:
+            raise UsageError(f"--tune-on {error}") from None
+    check_extras()
+    tuned = "" if warm_up is None else f", each tuned on {warm_up.source} ({len(warm_up.requests)} requests) first"
+    print(
+        f"autoexperts serve: models load with experts_implementation='auto' unless they name one{tuned}",
+        file=sys.stderr,
+    )
+    return run(transformers_args, warm_up)
 
 
 def _presets() -> int:
@@ -471,13 +575,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args, rest = parser.parse_known_args(argv)  # `serve` passes the arguments it does not know on
+    if rest and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     if args.verbose:
         logging.getLogger("autoexperts").setLevel(logging.DEBUG)
-    else:  # keep errors to our one line: third-party retries and notices only with -v
+    elif args.command != "serve":  # keep errors to our one line: third-party retries and notices only with -v
         from transformers.utils import logging as transformers_logging  # after parsing: --help needs none of it
 
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
@@ -487,6 +594,8 @@ def _main(argv: list[str] | None) -> int:
             _check_environment_budget()  # before measuring: calibrate prints its table under this budget at the end
             if args.pin_allocator:
                 _pin_allocator()
+        if args.command == "serve":
+            return _serve(args, rest)
         if args.command == "calibrate":
             return _calibrate(args)
         if args.command == "show":

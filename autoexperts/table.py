@@ -16,7 +16,7 @@ From a profile (or any cost model), in two steps:
    alone (they cost the most), and a region from 1 to 4000 tokens that halves every decode-sized call would merge
    away for a 2 % loss at 4000.
    - The tolerance is the larger of `NOISE_TOLERANCE` (3 %) and the cost model's own `noise()`, when it has one (for
-     a profile, the spread of its repeated timings).
+     a profile, the spread of its repeated timings), at most `MAX_NOISE_TOLERANCE` (10 %).
    - A neighbour qualifies only when its backend is feasible and fits the budget at every count of the region.
      `"over_budget"` regions never merge and are never merged into, so no merge crosses one.
    - Of two qualifying neighbours, the region is compared with the one costing less over it (its saving is smaller).
@@ -46,8 +46,12 @@ from .layer import LayerSpec
 # A backend stays chosen for larger token counts while its predicted latency is within this share of the fastest's.
 TIE_TOLERANCE = 0.02
 # A region whose predicted saving over a neighbour's backend, summed over the region, is below this share merges into
-# that neighbour (the floor: a cost model reporting a larger `noise()` raises it).
+# that neighbour (the floor: a cost model reporting a larger `noise()` raises it) ...
 NOISE_TOLERANCE = 0.03
+# ... up to this share, however noisy its timings: the spread of single timings is not the error of their medians,
+# and a profile timed on a loaded machine (spreads of 50 % and more) would otherwise merge its whole table into one
+# backend, possibly the slowest.
+MAX_NOISE_TOLERANCE = 0.10
 
 
 class Source:
@@ -150,10 +154,13 @@ def _sticky_fastest(latency: np.ndarray) -> np.ndarray:
 
 def noise_tolerance(cost_model) -> float:
     """The saving below which a region merges into its neighbour: `NOISE_TOLERANCE`, or the cost model's own relative
-    noise estimate (an optional `noise()` method or `noise` number) when that is larger."""
+    noise estimate (an optional `noise()` method or `noise` number) when that is larger, at most
+    `MAX_NOISE_TOLERANCE`."""
     noise = getattr(cost_model, "noise", None)
     estimate = float((noise() if callable(noise) else noise) or 0.0)
-    return max(NOISE_TOLERANCE, estimate) if math.isfinite(estimate) else NOISE_TOLERANCE
+    if not math.isfinite(estimate):
+        return NOISE_TOLERANCE
+    return min(max(NOISE_TOLERANCE, estimate), MAX_NOISE_TOLERANCE)
 
 
 def _merge_islands(

@@ -49,7 +49,7 @@ from .expert_parallel import parallel_layer_of
 from .layer import DEFAULT_BACKENDS, LayerSpec, is_experts_module, registered_backends
 from .profile import Profile
 from .report import profile_table
-from .selection import runnable_backends
+from .selection import LayerKey, calibrate_hint, runnable_backends
 from .table import Region, Source
 
 logger = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ class _Options:
     backends: tuple[str, ...] | None
     seconds_per_point: float
     compile_mode: str
+    progress: bool
 
 
 @contextlib.contextmanager
@@ -127,6 +128,7 @@ def tune(
     backends: Sequence[str] | None = None,
     seconds_per_point: float | None = None,
     compile: str | None = None,
+    progress: bool = True,
 ) -> Iterator[TuneReport]:
     """Calibrates `model`'s experts layers on what the block runs (see the module docstring).
 
@@ -146,12 +148,13 @@ def tune(
         seconds_per_point (`float`, *optional*): timing budget per token count (default 0.6, as `calibrate`).
         compile (`str`, *optional*): measure the backends under `torch.compile` in this mode (`"default"` or
             `"max-autotune-no-cudagraphs"`), as `calibrate --compile` does; default: uncompiled.
+        progress (`bool`): show a progress bar while each layer spec is measured.
 
     Raises:
         `ValueError`: on bad arguments, or a model without experts layers, before anything runs.
         `CalibrationInterrupted`: on Ctrl-C during the sweep, naming the checkpoint that keeps what was measured.
     """
-    options = _validated(model, out, backends, seconds_per_point, compile)
+    options = _validated(model, out, backends, seconds_per_point, compile, progress)
     report = TuneReport()
     observed = _ObservedCalls(model)
     with record_routing(model) as hooked, observe_calls(observed):
@@ -160,7 +163,7 @@ def tune(
     _tune_recorded(model, _layers_that_ran(model, observed, hooked.layers), options, report)
 
 
-def _validated(model, out, backends, seconds_per_point, compile_mode) -> _Options:
+def _validated(model, out, backends, seconds_per_point, compile_mode, progress) -> _Options:
     """The arguments checked, each error one line (`UsageError`, a `ValueError`)."""
     if not isinstance(model, torch.nn.Module) or not any(is_experts_module(m) for m in model.modules()):
         name = type(model).__name__
@@ -178,7 +181,7 @@ def _validated(model, out, backends, seconds_per_point, compile_mode) -> _Option
         backends = _validated_backends(backends, compile_mode)
     folder = Path(out).expanduser() if out is not None else store.default_write_dir()
     store.check_writable(folder)
-    return _Options(folder, backends, float(seconds_per_point), compile_mode)
+    return _Options(folder, backends, float(seconds_per_point), compile_mode, bool(progress))
 
 
 def _validated_backends(backends, compile_mode: str) -> tuple[str, ...]:
@@ -301,6 +304,17 @@ def _tune_recorded(model: torch.nn.Module, groups: dict[LayerSpec, list], option
     source = ModelSource(config, "tuned in place", getattr(config, "_name_or_path", "") or type(model).__name__)
     for spec, members in groups.items():
         name, module, _ = members[0]
+        with _local_parameters(module):
+            held = LayerSpec.of(module, spec.top_k)
+        if held != spec:  # e.g. FSDP shards the experts further: the rank holds less than its forward gathers
+            warnings.warn(
+                f"autoexperts: tune cannot measure {spec.describe()} in place: {name} holds "
+                f"{held.num_experts} experts between forwards, its forward runs {spec.num_experts}; calibrate it "
+                f"with: {calibrate_hint(LayerKey.of(module, module.down_proj.device, spec.top_k))}",
+                ProfileWarning,
+                stacklevel=4,
+            )
+            continue
         device = module.down_proj.device
         calls = collections.Counter()
         for _, _, layer in members:
@@ -328,7 +342,7 @@ def _tune_recorded(model: torch.nn.Module, groups: dict[LayerSpec, list], option
             routing=_routing(spec, members),
             compile_mode=options.compile_mode,
             seconds_per_point=options.seconds_per_point,
-            progress=True,
+            progress=options.progress,
             resume=None,
             full_grid=True,
             parallel=parallel_layer_of(module, spec.top_k),

@@ -5,7 +5,7 @@
 #
 #   PYTHONPATH=. bash calibrate/gpu_suite.sh "$OUT"
 #
-# The stage (GPU_SUITE_STAGE=new-gpu|h200 overrides it): `h200` where profiles/<this GPU>/ ships profiles (only the
+# The stage (GPU_SUITE_STAGE=new-gpu|h200|serve overrides it): `h200` where profiles/<this GPU>/ ships profiles (only the
 # H200 does), else `new-gpu`.
 #
 # new-gpu (a GPU with no shipped profiles, an H100 say): what a user of that GPU lacks, then what can be judged there
@@ -25,6 +25,11 @@
 #    6. the crossovers: qwen3 and qwen1.5 calibrated afresh (with the crossover refinement), qwen3's layer sweep on them;
 #    7. a `max-autotune-no-cudagraphs` calibration of qwen1.5; other backends where registered; tune; serve.
 # tune and serve run only where the tree has them (`autoexperts.tune`, `bench --parts serve`); else one line says so.
+#
+# GPU_SUITE_STAGE=serve: continuous batching (`bench --parts serve`: a 64-request trace, auto tuned in place against
+# every fixed backend and Transformers' default) on the qwen3-30b-a3b shape, its layer calibrated first (no shipped
+# profile is assumed: any GPU), steps of up to 2048 tokens, spanning the GPU's batched_mm -> grouped_mm crossover at
+# a few tokens; then the same on gpt-oss-20b while time is left.
 #
 # Everything goes to one folder ($1, else $OUT, else ./gpu-suite-results): suite.log, and results.tar.gz, rewritten
 # after every step, holding env.txt, <step>.log for every step, and the results: profiles/<gpu>/ (copy into the
@@ -172,7 +177,8 @@ serve() {  # continuous batching, once `bench --parts serve` has landed
         echo "== serve: skipped (bench --parts serve is not in this tree)"
         return 0
     fi
-    bench serve 90 "$1" --model "$table_model" --parts serve --rounds 3
+    bench serve 90 "$1" --model "$table_model" --parts serve --rounds 3 --max-batch-tokens 2048 \
+        --calibration-seconds-per-point 0.2
 }
 
 {
@@ -235,8 +241,15 @@ elif [ "$stage" = h200 ]; then
     other_backends
     tune
     serve "$shipped"
+elif [ "$stage" = serve ]; then
+    for model in ${GPU_SUITE_SERVE_MODELS:-qwen3-30b-a3b gpt-oss-20b}; do
+        # shellcheck disable=SC2086  # the extra arguments are words
+        step "serve-$model" 300 "$python" -m autoexperts bench --model "$model" --device "$device" --dtype "$dtype" \
+            --out "$work/serve-$model" --parts serve --calibration-seconds-per-point 0.2 --no-progress \
+            ${GPU_SUITE_SERVE_ARGS:---max-batch-tokens 2048 --rounds 5}
+    done
 else
-    echo "unknown GPU_SUITE_STAGE=$stage: use new-gpu or h200"
+    echo "unknown GPU_SUITE_STAGE=$stage: use new-gpu, h200 or serve"
 fi
 
 echo "suite finished in ${SECONDS}s"

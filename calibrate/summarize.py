@@ -62,7 +62,7 @@ def main() -> None:
     runs = []
     for json_path in sorted(folder.glob("**/*.json")):
         results = json.loads(json_path.read_text(encoding="utf-8"))
-        if results.get("kind") == "autoexperts-bench":
+        if isinstance(results, dict) and results.get("kind") == "autoexperts-bench":
             runs.append(_row(results, folder, json_path))
             json_path.with_suffix(".md").write_text(markdown_report(results), encoding="utf-8")
     header = [

@@ -3,7 +3,7 @@
     flock /tmp/cpu-measure.lock python calibrate/tune_check.py --model MODEL --out OUT
 
 1. `autoexperts calibrate --model MODEL --out OUT/cli` (as a user runs it; on CPU with `--pin-allocator`): its wall
-   time.
+   time. Steps 1 and 2 alternate, `--rounds` times each (medians).
 2. In a fresh process, the model's architecture with 2 decoder layers and random weights (the benchmark's model),
    one `generate_batch` of a seeded warm-up trace (requests with log-uniform prompt lengths, as a server sees them)
    inside `autoexperts.tune(model, out=OUT/tuned)`: the time the block's end takes (the tuning) beside the
@@ -22,6 +22,7 @@ import argparse
 import itertools
 import json
 import math
+import statistics
 import subprocess
 import sys
 import time
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=24, help="new tokens per warm-up request")
     parser.add_argument("--max-batch-tokens", type=int, default=1024, help="continuous batching's tokens per step")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=2, help="calibrate and tune runs each, alternating")
     parser.add_argument("--tune-step", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tuned", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -120,15 +122,24 @@ def main(argv: list[str] | None = None) -> int:
     cli_dir, tuned_dir = out / "cli", out / "tuned"
     pin = ["--pin-allocator"] if args.device == "cpu" else []
     autoexperts = [sys.executable, "-m", "autoexperts"]
-    calibrate_seconds = _run(
-        [*autoexperts, "calibrate", "--model", args.model, "--device", args.device, "--out", str(cli_dir),
-         "--no-progress", *pin]
-    )  # fmt: skip
+    calibrate = [*autoexperts, "calibrate", "--model", args.model, "--device", args.device, "--out", str(cli_dir),
+                 "--no-progress", *pin]  # fmt: skip
     step = [sys.executable, __file__, "--tune-step", "--model", args.model, "--out", str(out), "--device", args.device,
             "--requests", str(args.requests), "--new-tokens", str(args.new_tokens), "--max-batch-tokens",
             str(args.max_batch_tokens), "--seed", str(args.seed), "--tuned", str(tuned_dir)]  # fmt: skip
-    print("+", " ".join(step), flush=True)
-    tuned = json.loads(subprocess.run(step, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    # The two alternate (C T T C ...), so that a change in the machine's load weighs on both alike; medians.
+    calibrate_seconds, tunings = [], []
+    for round_ in range(args.rounds):
+        for which in ("calibrate", "tune") if round_ % 2 == 0 else ("tune", "calibrate"):
+            if which == "calibrate":
+                calibrate_seconds.append(_run(calibrate))
+            else:
+                print("+", " ".join(step), flush=True)
+                completed = subprocess.run(step, check=True, capture_output=True, text=True)
+                tunings.append(json.loads(completed.stdout.strip().splitlines()[-1]))
+    tuned = {**tunings[-1], "tune_seconds_runs": [t["tune_seconds"] for t in tunings]}
+    tuned["tune_seconds"] = statistics.median(tuned["tune_seconds_runs"])
+    calibrate_median = statistics.median(calibrate_seconds)
 
     cli_profile = json.loads(next(cli_dir.rglob("*.json")).read_text())
     seen = {int(n) for n in tuned["calls_by_tokens"]}
@@ -146,9 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "device": bench["machine"]["device"],
         "versions": bench["versions"],
-        "calibrate_seconds": calibrate_seconds,
+        "calibrate_seconds": calibrate_median,
+        "calibrate_seconds_runs": calibrate_seconds,
         **tuned,
-        "tune_over_calibrate": tuned["tune_seconds"] / calibrate_seconds,
+        "tune_over_calibrate": tuned["tune_seconds"] / calibrate_median,
         "held_out_tokens": tokens,
         "auto_over_oracle": sweep["summary"]["auto_over_oracle"],
         "tuned_picks_over_oracle": totals["profile"]["over_oracle"],
@@ -179,8 +191,10 @@ def markdown(result: dict) -> str:
             "",
             "| figure | value |",
             "|---|---|",
-            f"| `autoexperts calibrate` wall time | {result['calibrate_seconds']:.1f} s |",
-            f"| tuning (the block's end) | {result['tune_seconds']:.1f} s |",
+            f"| `autoexperts calibrate` wall time, median | {result['calibrate_seconds']:.1f} s "
+            f"({', '.join(f'{s:.1f}' for s in result['calibrate_seconds_runs'])}) |",
+            f"| tuning (the block's end), median | {result['tune_seconds']:.1f} s "
+            f"({', '.join(f'{s:.1f}' for s in result['tune_seconds_runs'])}) |",
             f"| tuning / calibrate | {verdict(result['tune_over_calibrate'], TUNE_OVER_CALIBRATE)} |",
             f"| held-out counts | {', '.join(map(str, result['held_out_tokens']))} |",
             f"| auto (tuned) / oracle, its own timing | {verdict(result['auto_over_oracle'], AUTO_OVER_ORACLE)} |",

@@ -318,3 +318,25 @@ def test_report_tells_noise_from_wrong_choices(auto_backend, noise_named, quoted
     assert quoted in text
     assert ("not a wrong choice" in text) is noise_named
     assert ("1 of 2" in text) is not noise_named
+
+
+@pytest.mark.parametrize(
+    "pin",
+    [
+        True,  # bench --pin-allocator: its calibration runs under the same allocator settings
+        False,  # glibc's defaults in both
+    ],
+)
+def test_bench_calibrates_under_its_own_allocator_setting(monkeypatch, pin, tmp_path):
+    from autoexperts.bench import run as bench_run
+
+    commands = []
+
+    def recorded(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, "")
+
+    monkeypatch.setattr(bench_run.subprocess, "run", recorded)
+    options = BenchOptions(pin_allocator=pin, progress=False)
+    bench_run._calibrate(options, torch.device("cpu"), torch.float32, tmp_path)
+    assert ("--pin-allocator" in commands[0]) == pin and commands[0][2:4] == ["autoexperts", "calibrate"]

@@ -92,8 +92,17 @@ def test_package_logger_has_null_handler():
 
 
 @pytest.mark.slow
-def test_autoexperts_log_prints_each_new_decision_once(tmp_path):
-    code = """
+@pytest.mark.parametrize(
+    "setup",
+    [
+        "",  # no logging configured by the application
+        "import logging; logging.basicConfig(level=logging.DEBUG)",  # a root handler too (as the CLI sets one up)
+    ],
+)
+def test_autoexperts_log_prints_each_new_decision_once(tmp_path, setup):
+    code = (
+        setup
+        + """
 import torch
 from tests.conftest import tiny_model
 model = tiny_model("mixtral")
@@ -101,8 +110,10 @@ with torch.no_grad():
     for seq in (4, 4, 9):
         model(input_ids=torch.zeros(1, seq, dtype=torch.long))
 """
+    )
     env = {**os.environ, "AUTOEXPERTS_LOG": "1", "AUTOEXPERTS_PROFILE_DIR": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    printed = [line for line in result.stderr.splitlines() if line.startswith("[autoexperts]") and "num_tokens" in line]
+    printed = [line for line in result.stderr.splitlines() if "num_tokens=" in line]
+    assert all(line.startswith("[autoexperts]") for line in printed), printed
     assert [line.split("num_tokens=")[1].split()[0] for line in printed] == ["4", "9"]
     assert all("-> grouped_mm [fallback]" in line for line in printed)

@@ -254,6 +254,22 @@ def test_any_cost_model_works_and_its_noise_sets_the_tolerance(wrapper, expected
     assert _regions(model) == expected
 
 
+class _VeryNoisy(_WithoutNoise):
+    noise = 0.9  # timings spread by 90 %: a profile measured on a loaded machine
+
+
+def test_a_large_saving_stays_however_noisy_the_timings():
+    # Both curves rise (as the isotonic fit wants), and every region saves 50 % or more over the other backend:
+    # eager takes 1-3 and 33+, grouped_mm 4-32. A 90 % tolerance would merge the table into one backend.
+    curves = {
+        "eager": (lambda n: n if n <= 3 else 3.0 * n, lambda n: 1000 * n),
+        "grouped_mm": (lambda n: 2.0 * n if n <= 3 else n + 2.0 if n <= 32 else 6.0 * n, lambda n: 1000 * n),
+    }
+    model = _VeryNoisy(synthetic_profile(SPEC, curves, (1, 2, 3, 4, 8, 16, 32, 33, 64, 128)).cost_model)
+    table = build_profile_table(SPEC, model, ["eager", "grouped_mm"], math.inf)
+    assert [(r.first, r.backend) for r in table.regions] == [(1, "eager"), (4, "grouped_mm"), (33, "eager")]
+
+
 @pytest.mark.parametrize(
     ("device", "budget", "expected"),
     [

@@ -204,9 +204,9 @@ def _auto_over_own_backend(points: list[dict]) -> list[tuple[float, str]]:
 
 def headline_figures(results: dict) -> list[dict]:
     """The figures a run is judged by, each `{"name", "value", "note"}` (`value` `None` where the run cannot tell):
-    the layer sweep's totals and worst regret, the model forward's `auto` against the backend it ran, `generate()`
-    against the fixed backends, the dispatch overhead and the calibration's wall time. `autoexperts bench` prints
-    them; `calibrate/targets.py` holds them to the project's targets."""
+    the layer sweep's totals and worst regret, the model forward's `auto` against the backend it ran, `generate()` and
+    continuous batching against the fixed backends, the dispatch overhead and the calibration's wall time.
+    `autoexperts bench` prints them; `calibrate/targets.py` holds them to the project's targets."""
     figures = []
 
     def add(name: str, value: float | None, note: str | None = None) -> None:
@@ -238,9 +238,41 @@ def headline_figures(results: dict) -> list[dict]:
         default_peak = runs.get(TRANSFORMERS_DEFAULT, {}).get("peak_bytes")
         if auto_peak is not None and default_peak:
             add("generate(): auto peak memory / Transformers' default's", auto_peak / default_peak)
+    serve = results.get("serve")
+    if serve and "skipped" not in serve:
+        _serve_figures(serve, add)
     if "overhead" in results:
         add("dispatch overhead per call (µs)", results["overhead"]["auto_path_us"])
     seconds = results.get("calibration", {}).get("wall_seconds")
     if seconds is not None:
         add("calibration wall time (s)", seconds)
     return figures
+
+
+def spans_crossovers(serve: dict) -> str:
+    """Which crossovers of `auto`'s table the serve trace's step sizes span (some steps below, some at or above), in
+    words."""
+    crossovers = [c["tokens"] for c in serve["crossovers"]]
+    steps = serve["steps"]["sizes"]
+    if not crossovers:
+        return "auto's table has no crossover"
+    if not steps:
+        return "no step was recorded"
+    spanned = [n for n in crossovers if min(steps) < n <= max(steps)]
+    others = [n for n in crossovers if n not in spanned]
+    words = f"steps of {min(steps)}–{max(steps)} tokens "
+    if not spanned:
+        return words + f"span no crossover of auto's table (at {', '.join(map(str, others))})"
+    words += f"span the crossover(s) at {', '.join(map(str, spanned))}"
+    return words + (f", not those at {', '.join(map(str, others))}" if others else "")
+
+
+def _serve_figures(serve: dict, add) -> None:
+    """The serve part's figures: `auto` tuned in place against the best fixed backend and Transformers' default."""
+    span = spans_crossovers(serve)
+    best = serve["best_fixed"]
+    add("serve: auto / best fixed backend", serve["auto_over_best_fixed"], f"{best}; {span}" if best else span)
+    default = serve["contenders"].get("default", {})
+    ran = ", ".join(default.get("dispatched") or {}) or serve["default_backend"]
+    add("serve: auto / Transformers' default", serve["auto_over_default"], f"default ran {ran}; {span}")
+    add("serve: tune in place wall time (s)", serve["tune"]["wall_seconds"])

@@ -1,10 +1,12 @@
-"""The benchmark's plot: latency against token count per backend, log–log, with the range `auto` gives each backend
-shaded. matplotlib is an optional extra (`pip install autoexperts[plot]`); without it no plot is written.
+"""The benchmark's plots: latency against token count per backend, log–log, with the range `auto` gives each backend
+shaded; and, for the serve part, the steps' sizes by `auto`'s backend beside each contender's wall time. matplotlib is
+an optional extra (`pip install autoexperts[plot]`); without it no plot is written.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 from ..cost_model import Status
@@ -75,6 +77,69 @@ def write_plot(results: dict, path: Path) -> bool:
     )
     axes.grid(True, which="both", alpha=0.2)
     axes.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return True
+
+
+def write_serve_plot(results: dict, path: Path) -> bool:
+    """Writes the serve part's PNG: the trace's steps per power-of-two size bucket, split by the backend `auto` ran
+    there, with its crossovers marked; beside it each contender's median wall time. Returns False (and logs why)
+    when matplotlib is missing or the part did not run."""
+    serve = results.get("serve")
+    if not serve or "skipped" in serve or not serve["steps"]["histogram"]:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install 'autoexperts[plot]'); no plot written")
+        return False
+    figure, (steps_axes, times_axes) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120, width_ratios=(3, 2))
+    # Every power-of-two bucket from the smallest step's to the largest's, empty ones included, so that the x axis
+    # is log2(tokens): bar i holds [2^(k0+i), 2^(k0+i+1)) and a count n sits at log2(n) - k0 - 0.5.
+    counted = {b["first"]: b for b in serve["steps"]["histogram"]}
+    low, high = (int(math.log2(first)) for first in (min(counted), max(counted)))
+    firsts = [2**k for k in range(low, high + 1)]
+    calls = {b["first"]: b["calls"] for b in serve["auto_backends"]}
+    layers = max(serve["experts_layers"], 1)
+    positions = list(range(len(firsts)))
+    bottom = [0.0] * len(firsts)
+    for backend in sorted({name for c in calls.values() for name in c}):
+        heights = [calls.get(first, {}).get(backend, 0) / layers for first in firsts]
+        steps_axes.bar(positions, heights, bottom=bottom, color=COLORS.get(backend, "grey"), label=f"auto → {backend}")
+        bottom = [below + height for below, height in zip(bottom, heights, strict=True)]
+    steps_axes.set_xticks(positions, [f"{f}–{2 * f - 1}" if f > 1 else "1" for f in firsts], rotation=45, fontsize=7)
+    for crossover in serve["crossovers"]:
+        x = math.log2(crossover["tokens"]) - low - 0.5
+        if -0.5 <= x <= len(firsts) - 0.5:
+            steps_axes.axvline(x, color="black", linestyle="--", linewidth=1)
+            steps_axes.annotate(
+                f"{crossover['from']} → {crossover['to']} at {crossover['tokens']}", (x, max(bottom)), fontsize=7,
+                rotation=90, va="top", ha="right",
+            )  # fmt: skip
+    steps_axes.set_xlabel("tokens per step")
+    steps_axes.set_ylabel("steps")
+    steps_axes.set_title(f"{serve['steps']['count']} continuous-batching steps, by auto's backend", fontsize=9)
+    steps_axes.legend(fontsize=7)
+    contenders = [(n, r) for n, r in serve["contenders"].items() if r["median_ms"] is not None]
+    names = [f"default → {r['same_as']}" if r.get("same_as") else n for n, r in contenders]
+    colors = [COLORS.get(r.get("same_as") or n, "grey") for n, r in contenders]
+    times_axes.barh(names, [r["median_ms"] / 1e3 for _, r in contenders], color=colors)
+    times_axes.invert_yaxis()
+    times_axes.set_xlabel("median wall time per serving of the trace (s)")
+    times_axes.set_title(f"{serve['trace']['requests']} requests, {serve['trace']['generated_tokens']} new tokens",
+                         fontsize=9)  # fmt: skip
+    layer = results["layer"]
+    figure.suptitle(
+        f"{results['model']['name']}: E={layer['num_experts']} H={layer['hidden_dim']} I={layer['intermediate_dim']} "
+        f"k={layer['top_k']}, {results['dtype']}, {results['machine']['device']}",
+        fontsize=9,
+    )
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)

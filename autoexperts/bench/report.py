@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..report import format_bytes
-from .analysis import CONTENDERS, FIXED_BACKENDS
+from .analysis import CONTENDERS, FIXED_BACKENDS, spans_crossovers
 
 
 def _ms(value: float | None) -> str:
@@ -219,6 +219,94 @@ def _generation(results: dict) -> list[str]:
     ]
 
 
+def _range(first: int, last: int | None) -> str:
+    return str(first) if first == last else f"{first}–{'∞' if last is None else last}"
+
+
+def _serve(serve: dict, plot: str | None = None) -> list[str]:
+    """The serve part: the trace, how continuous batching ran it, each contender, and the steps' sizes and backends."""
+    if "skipped" in serve:
+        return [f"Skipped: {serve['skipped']}."]
+    trace, batching, steps = serve["trace"], serve["continuous_batching"], serve["steps"]
+    tune = serve["tune"]
+    contenders = serve["contenders"]
+    max_batch_tokens = batching["max_batch_tokens"]
+    step_bound = "Transformers' default" if max_batch_tokens is None else str(max_batch_tokens)
+    regions = _regions_text(serve["auto_regions"])
+    crossovers = "; ".join(f"{c['from']} → {c['to']} at {c['tokens']} tokens" for c in serve["crossovers"]) or "none"
+    lines = [
+        f"Trace: {trace['requests']} requests (seed {trace['seed']}), prompts of "
+        f"{_range(*trace['prompt_lengths_range'])} tokens drawn log-uniform ({trace['prompt_tokens']} prompt tokens), "
+        f"{_range(*trace['new_tokens_range'])} new tokens each ({trace['generated_tokens']} generated), greedy with "
+        "no end-of-sequence token. Transformers' "
+        f"continuous batching with max_batch_tokens {step_bound} and a KV cache of {batching['num_blocks']} blocks of "
+        f"{batching['page_size']} tokens (set through its {batching['applied_through']}), every request queued before "
+        f"its loop starts: {steps['count']} steps of 1 forward each, the same for every contender: "
+        f"{'yes' if steps['same_for_every_contender'] else 'no'}.",
+        "",
+        f"auto was tuned in place (`autoexperts.tune`) on one serving of a separate warm-up trace of "
+        f"{serve['warmup_trace']['requests']} requests (seed {serve['warmup_trace']['seed']}) in "
+        f"**{tune['wall_seconds']:.1f} s** (the warm-up serving included); its table: {regions}; crossovers: "
+        f"{crossovers}. The measured trace's {spans_crossovers(serve)}. Transformers' default here is "
+        f"{serve['default_backend']}.",
+        "",
+    ]
+    best = serve["best_fixed"]
+    best_ms = contenders[best]["median_ms"] if best else None
+    default_ms = contenders.get("default", {}).get("median_ms")
+    rows = []
+    for name, run in contenders.items():
+        same = {True: "yes", False: "no", None: "—"}[serve["same_tokens_as_eager"].get(name)]
+        label = f"default → {run['same_as']}" if name == "default" and run.get("same_as") else name
+        if run["median_ms"] is None:
+            rows.append([label, run["status"], "", "", "", "", "", "", "", same, run.get("note") or ""])
+            continue
+        tokens_per_second = run["tokens_per_second"]
+        rows.append([
+            label, _ms(run["median_ms"]), _ms(run["serving_median_ms"]), _ms(run["mean_ms"]), _ms(run["p90_ms"]),
+            f"{tokens_per_second:.1f}" if tokens_per_second else "—", _memory(run["peak_bytes"]),
+            _ratio(run["median_ms"] / best_ms) if best_ms else "—",
+            _ratio(run["median_ms"] / default_ms) if default_ms else "—", same, run.get("note") or "",
+        ])  # fmt: skip
+    header = ["Implementation", "Median wall", "of which serving", "Mean", "P90", "tokens/s", "Peak Mem",
+              "vs best fixed", "vs default", "same tokens as eager", "note"]  # fmt: skip
+    lines += _table(header, rows)
+    if "round_orders" in serve:  # recorded since the first committed run
+        lines += [
+            "",
+            f"Round orders: {'; '.join(', '.join(order) for order in serve['round_orders'])}. Load average (1, 5, "
+            f"15 min) at the part's start {serve['load_average_at_start']}, at its end {serve['load_average_at_end']} "
+            "(the machine's other work slows whole servings).",
+        ]
+    lines += [
+        "",
+        f"auto / best fixed ({best or '—'}): **{_ratio(serve['auto_over_best_fixed'])}**; auto / Transformers' "
+        f"default: **{_ratio(serve['auto_over_default'])}** (medians of the timed rounds of whole servings, each "
+        "round in a new order after one untimed serving per contender; a whole serving, like one `generate_batch` "
+        "call, also creates the KV cache and the loop's thread and stops them, while *of which serving* runs from the "
+        "loop's start to the last request's result).",
+    ]
+    if serve.get("memory_note"):
+        lines += ["", f"Peak memory: not measured ({serve['memory_note']})."]
+    calls = {(b["first"], b["last"]): b["calls"] for b in serve["auto_backends"]}
+    backends = sorted({backend for c in calls.values() for backend in c})
+    rows = [
+        [_range(b["first"], b["last"]), str(b["steps"]), str(b["tokens"])]
+        + [str(calls.get((b["first"], b["last"]), {}).get(backend, 0)) for backend in backends]
+        for b in steps["histogram"]
+    ]
+    lines += [
+        "",
+        f"Step sizes of the trace and auto's backends (experts calls: {serve['auto_decisions']}, one per step and "
+        f"experts layer, {serve['experts_layers']} layers):",
+        "",
+        *_table(["step tokens", "steps", "tokens", *(f"auto → {b}" for b in backends)], rows),
+    ]
+    if plot:
+        lines += ["", f"![steps by size and auto's backend; wall time per contender]({plot.rsplit('/', 1)[-1]})"]
+    return lines
+
+
 def markdown_report(results: dict) -> str:
     """The report: the headline figures, then each part's tables, then the decision table and the plot."""
     machine, versions, layer = results["machine"], results["versions"], results["layer"]
@@ -281,4 +369,7 @@ def markdown_report(results: dict) -> str:
     if plot:
         name = plot.rsplit("/", 1)[-1]
         lines += ["", f"![latency against token count]({name})"]
+    if "serve" in results:
+        plot = results.get("files", {}).get("serve")
+        lines += ["", "## 6. Continuous batching", "", *_serve(results["serve"], plot)]
     return "\n".join(lines) + "\n"

@@ -1,7 +1,8 @@
 """`run_benchmark()`: calibrate, then time `auto` against every fixed backend, and write JSON, Markdown and a plot.
 
-The five parts, all in this one process except the calibration (timed as the command a user runs):
-calibration cost, layer sweep at held-out token counts, model forwards, `generate()`, dispatch overhead.
+The parts, all in this one process except the calibration (timed as the command a user runs): calibration cost,
+layer sweep at held-out token counts, model forwards, `generate()`, dispatch overhead, and (asked for by name)
+Transformers' continuous batching on a request trace, with `auto` tuned in place.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ..calibration.experts_layer import build_experts_layer
 from ..calibration.model_source import ModelSource, resolve_model
 from ..calibration.routing import Routing
 from ..calibration.run import SWEEP_MEMORY_FRACTION, resolve_device, resolve_dtype, runnable_for_shape
-from ..choices import BENCH_PARTS, CALIBRATION_MODES, NONE
+from ..choices import BENCH_PARTS, CALIBRATION_MODES, DEFAULT_BENCH_PARTS, NONE
 from ..device import cpu_model_name, device_name, device_slug, free_memory_bytes
 from ..dispatch import decision_table
 from ..errors import UsageError
@@ -39,6 +40,7 @@ from .analysis import FIXED_BACKENDS, choice_totals, headline_figures, sweep_sum
 from .layer_sweep import MemoryGuard, TimingOptions, held_out_tokens, run_layer_sweep
 from .model_bench import FORWARD_MIN_ROUNDS, build_bench_model, forward_points, run_forward_points, run_generation
 from .overhead import measure_dispatch_overhead
+from .serve import ServeSetup, TraceSpec, run_serve
 
 logger = logging.getLogger(__name__)
 
@@ -54,18 +56,26 @@ class BenchOptions:
     out: Path = Path("autoexperts-bench")
     profile_dir: Path | None = None  # reuse the profiles there instead of calibrating (no calibration cost then)
     sweep_tokens: list[int] | None = None  # default: held out from the calibration grid
-    parts: tuple[str, ...] = BENCH_PARTS
+    parts: tuple[str, ...] = DEFAULT_BENCH_PARTS
     layers: int = 2
     vocab_size: int = 1024
     long_prefill: int = 2048
     batch: int = 1
     prompt_length: int = 128
     new_tokens: int = 32
-    generate_rounds: int = 3
+    generate_rounds: int = 3  # timed rounds per contender of generate() and of the serve part
     forward_rounds: int = FORWARD_MIN_ROUNDS  # the fewest interleaved rounds per forward point
+    # The serve part's request trace and the most tokens one continuous-batching step may take (None: Transformers'
+    # default).
+    requests: int = 64
+    serve_prompt_lengths: tuple[int, int] = (16, 1024)
+    serve_new_tokens: tuple[int, int] = (16, 128)
+    max_batch_tokens: int | None = None
     seconds_per_point: float = 1.0
     calibration_seconds_per_point: float = 0.6
     progress: bool = True
+    # On CPU, glibc's allocator thresholds are pinned in this process (`--pin-allocator`), and so in its calibration.
+    pin_allocator: bool = False
     # The distribution the calibration and the layer sweep draw experts from (default: uniform).
     routing: Routing | None = None
     # A folder whose profile for the layer has its picks read off the same sweep timings (default, with a routing
@@ -102,6 +112,8 @@ def _calibrate(options: BenchOptions, device: torch.device, dtype: torch.dtype, 
         command += ["--routing", options.routing.text()]
     if not options.progress:
         command.append("--no-progress")
+    if options.pin_allocator:  # as this process: the crossovers measured there must hold here
+        command.append("--pin-allocator")
     logger.info("calibrating: %s", " ".join(command))
     started = time.perf_counter()
     completed = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
@@ -229,7 +241,7 @@ def run_benchmark(options: BenchOptions) -> dict:
         sweep_tokens = options.sweep_tokens or held_out_tokens(profile.metadata["sweep"]["tokens"])
         points = forward_points(options.long_prefill)
         steps = len(sweep_tokens) * ("sweep" in options.parts) + len(points) * ("forward" in options.parts)
-        steps += ("generate" in options.parts) + ("overhead" in options.parts)
+        steps += ("generate" in options.parts) + ("overhead" in options.parts) + ("serve" in options.parts)
         with tqdm(total=steps, disable=not options.progress, desc="benchmark", unit="step") as bar:
             if "overhead" in options.parts:
                 bar.set_postfix_str("dispatch overhead")
@@ -255,7 +267,7 @@ def run_benchmark(options: BenchOptions) -> dict:
             table = decision_table(layer.module, device, layer.spec.top_k, options.compile_mode)
             del layer
             gc.collect()
-            if {"forward", "generate"} & set(options.parts):
+            if {"forward", "generate", "serve"} & set(options.parts):
                 model = build_bench_model(source.config, device, dtype, options.layers, options.vocab_size)
                 results["model_bench"] = {"layers": options.layers, "vocab_size": options.vocab_size}
                 if "forward" in options.parts:
@@ -279,11 +291,35 @@ def run_benchmark(options: BenchOptions) -> dict:
                     )  # fmt: skip
                     results["generation"] = generation.to_json()
                     bar.update()
+                if "serve" in options.parts:
+                    bar.set_postfix_str("continuous batching")
+                    results["serve"] = _serve(options, model, device, folder, guard)
+                    bar.update()
                 del model
                 gc.collect()
     results["headline"] = headline_figures(results)
     results["files"] = _write(results, folder, stem, profile)
     return results
+
+
+def _serve(options: BenchOptions, model, device: torch.device, folder: Path, guard: MemoryGuard) -> dict:
+    """The serve part, with `auto` tuned into `<folder>/profiles-serve-tuned`: a folder of its own, so that the
+    profile this run calibrated (or reused) stays as the report's calibration section describes it."""
+    if options.compile_mode != NONE:
+        reason = "continuous batching is benchmarked uncompiled only"
+        logger.warning("serve part skipped: %s", reason)
+        return {"skipped": reason}
+    spec = TraceSpec(options.requests, tuple(options.serve_prompt_lengths), tuple(options.serve_new_tokens))
+    setup = ServeSetup(
+        max_batch_tokens=options.max_batch_tokens,
+        rounds=options.generate_rounds,
+        guard=guard,
+        tune_folder=folder / "profiles-serve-tuned",
+        tune_seconds_per_point=options.calibration_seconds_per_point,
+        progress=options.progress,
+        reading_profiles_from=_reading_profiles_from,
+    )
+    return run_serve(model, device, spec, setup)
 
 
 def _device_model_comparison(layer, device: torch.device, compile_mode: str, profile_dir: Path, sweep) -> dict | None:
@@ -359,13 +395,16 @@ def _calibration_record(profile: Profile, budget: float) -> dict:
 
 
 def _write(results: dict, folder: Path, stem: str, profile: Profile) -> dict:
-    from .plot import write_plot
+    from .plot import write_plot, write_serve_plot
     from .report import markdown_report
 
     json_path, markdown_path, plot_path = (folder / f"{stem}.{suffix}" for suffix in ("json", "md", "png"))
     files = {"json": str(json_path), "markdown": str(markdown_path)}
     if write_plot(results, plot_path):
         files["plot"] = str(plot_path)
+    serve_plot_path = folder / f"{stem}-serve.png"
+    if write_serve_plot(results, serve_plot_path):
+        files["serve"] = str(serve_plot_path)
     results["files"] = files
     json_path.write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
     markdown_path.write_text(markdown_report(results), encoding="utf-8")
