@@ -349,6 +349,7 @@ def _tune_recorded(model: torch.nn.Module, groups: dict[LayerSpec, list], option
             launch=launch_id(),
             started=started,
             memory_limit_bytes=min(budget, SWEEP_MEMORY_FRACTION * free_memory_bytes(device)),
+            refine=True,  # the crossovers placed as `calibrate` places them
         )
         with torch.no_grad(), _local_parameters(module):
             profile = calibrate_layer(plan)
