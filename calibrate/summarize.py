@@ -1,7 +1,7 @@
-"""Writes `calibrate/results/README.md`, one row per benchmark run found under the results folder, and renders each
-run's Markdown report again from its JSON (so that changes to the report apply to earlier runs).
+"""Writes `calibrate/results/README.md`, one row per benchmark run found under the results folder; with `--render`,
+also renders each run's Markdown report again from its JSON (so that changes to the report apply to earlier runs).
 
-Run: python calibrate/summarize.py [RESULTS_FOLDER]
+Run: python calibrate/summarize.py [RESULTS_FOLDER] [--render]
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from autoexperts.bench.analysis import FIXED_BACKENDS
-from autoexperts.bench.report import markdown_report
+from autoexperts.bench.report import markdown_report, model_label
 
 
 def _ratio(value: float | None) -> str:
@@ -26,7 +26,13 @@ def _parts(results: dict) -> str:
     return ", ".join(parts)
 
 
-_PARTS = (("layer_sweep", "sweep"), ("forward", "forward"), ("generation", "generate"), ("overhead", "overhead"))
+_PARTS = (
+    ("layer_sweep", "sweep"),
+    ("forward", "forward"),
+    ("generation", "generate"),
+    ("overhead", "overhead"),
+    ("serve", "serve"),
+)
 
 
 def _row(results: dict, folder: Path, json_path: Path) -> str:
@@ -38,7 +44,7 @@ def _row(results: dict, folder: Path, json_path: Path) -> str:
     auto = medians.get("auto")
     report = json_path.with_suffix(".md").relative_to(folder)
     cells = [
-        f"[{results['model']['name']}]({report})",
+        f"[{model_label(results)}]({report})",
         results["machine"]["device"],
         results["dtype"],
         results["compile_mode"],
@@ -52,19 +58,23 @@ def _row(results: dict, folder: Path, json_path: Path) -> str:
         _ratio(auto / best_fixed if auto and best_fixed else None),
         _ratio(auto / medians["grouped_mm"] if auto and "grouped_mm" in medians else None),
         "—" if "overhead" not in results else f"{results['overhead']['auto_path_us']:.2f}",
+        " / ".join(_ratio(results.get("serve", {}).get(key)) for key in ("auto_over_best_fixed", "auto_over_default")),
         "—" if results["calibration"].get("wall_seconds") is None else f"{results['calibration']['wall_seconds']:.0f}",
     ]
     return "| " + " | ".join(cells) + " |"
 
 
 def main() -> None:
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results")
+    arguments = [a for a in sys.argv[1:] if a != "--render"]
+    render = "--render" in sys.argv[1:]
+    folder = Path(arguments[0] if arguments else Path(__file__).parent / "results")
     runs = []
     for json_path in sorted(folder.glob("**/*.json")):
         results = json.loads(json_path.read_text(encoding="utf-8"))
         if isinstance(results, dict) and results.get("kind") == "autoexperts-bench":
             runs.append(_row(results, folder, json_path))
-            json_path.with_suffix(".md").write_text(markdown_report(results), encoding="utf-8")
+            if render:
+                json_path.with_suffix(".md").write_text(markdown_report(results), encoding="utf-8")
     header = [
         "model",
         "device",
@@ -77,6 +87,7 @@ def main() -> None:
         "generate(): auto / best fixed",
         "generate(): auto / default",
         "dispatch µs",
+        "serve: auto / best fixed / default",
         "calibrate s",
     ]
     lines = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from autoexperts.layer import LayerSpec, is_experts_module
 from autoexperts.profile import Profile, save_profile
 
 REPOSITORY = Path(__file__).resolve().parent.parent
+# What `import autoexperts`, the command's help and its argument errors must not load.
+HEAVY_MODULES = ("torch", "transformers", "sklearn", "joblib")
 
 
 def load_script(name: str):
@@ -178,3 +181,39 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def run_in_fresh_python(code: str) -> dict:
+    """Runs `code` in a fresh interpreter of this checkout and returns the JSON it printed last."""
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def cli_in_fresh_python(args: list[str], before: str = "") -> dict:
+    """`autoexperts.cli.main(args)` in a fresh interpreter (after the statements `before`): its exit status, its
+    stdout and stderr, and which of `HEAVY_MODULES` it loaded."""
+    code = f"""
+import contextlib, io, json, sys
+{before}
+import autoexperts.cli
+out, err = io.StringIO(), io.StringIO()
+with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+        status = autoexperts.cli.main({args!r})
+    except SystemExit as exit_:
+        status = exit_.code
+heavy = sorted(name for name in {HEAVY_MODULES!r} if name in sys.modules)
+print(json.dumps({{"status": status, "heavy": heavy, "out": out.getvalue(), "err": err.getvalue()}}))
+"""
+    return run_in_fresh_python(code)
+
+
+@pytest.fixture
+def tiny_model_folder(tmp_path):
+    """A folder holding a tiny Qwen3-MoE config, as `--model` takes it."""
+    folder = tmp_path / "tiny-qwen3-moe"
+    tiny_config("qwen3_moe").save_pretrained(folder)
+    return folder

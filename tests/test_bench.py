@@ -19,12 +19,13 @@ from autoexperts.bench.analysis import (
 )
 from autoexperts.bench.layer_sweep import held_out_tokens
 from autoexperts.bench.model_bench import FORWARD_MIN_ROUNDS
+from autoexperts.bench.report import model_label
 from autoexperts.bench.run import BenchOptions, run_benchmark
 from autoexperts.calibration.run import calibrate
 from autoexperts.calibration.sweep import default_token_grid
 from autoexperts.cost_model import SLOW_FACTOR
 from autoexperts.selection import device_model_table
-from tests.conftest import REPOSITORY, layer_spec, load_script, tiny_config, tiny_model
+from tests.conftest import REPOSITORY, layer_spec, load_script, tiny_model
 from tests.test_device_model import BACKENDS, save_synthetic_device_model
 
 
@@ -183,13 +184,6 @@ def test_targets_script_judges_every_committed_result(capsys):
     assert capsys.readouterr().out.count("\n/") + 1 == len(bench)  # one block per file
 
 
-@pytest.fixture
-def tiny_model_folder(tmp_path):
-    folder = tmp_path / "tiny-qwen3-moe"
-    tiny_config("qwen3_moe").save_pretrained(folder)
-    return folder
-
-
 def test_benchmark_writes_consistent_json_markdown_and_plot(tiny_model_folder, tmp_path, profile_dir):
     profiles = tmp_path / "bench-profiles"
     calibrate(str(tiny_model_folder), "cpu", "float32", [1, 2, 4, 8, 16], out=profiles, progress=False,
@@ -340,3 +334,15 @@ def test_bench_calibrates_under_its_own_allocator_setting(monkeypatch, pin, tmp_
     options = BenchOptions(pin_allocator=pin, progress=False)
     bench_run._calibrate(options, torch.device("cpu"), torch.float32, tmp_path)
     assert ("--pin-allocator" in commands[0]) == pin and commands[0][2:4] == ["autoexperts", "calibrate"]
+
+
+@pytest.mark.parametrize(
+    ("model", "label"),
+    [
+        ({"kind": "preset", "name": "qwen3-30b-a3b"}, "qwen3-30b-a3b"),  # a preset keeps its name
+        ({"kind": "hub", "name": "Qwen/Qwen3-30B-A3B"}, "Qwen/Qwen3-30B-A3B"),  # a Hub id keeps its owner
+        ({"kind": "local", "name": "/home/someone/models/olmoe-half"}, "olmoe-half"),  # not the machine's path
+    ],
+)
+def test_reports_name_a_local_model_by_its_folder(model, label):
+    assert model_label({"model": model}) == label

@@ -21,7 +21,7 @@ from autoexperts.bench.serve import (
     step_histogram,
 )
 from autoexperts.calibration.run import calibrate
-from tests.conftest import load_script, tiny_config
+from tests.conftest import load_script
 
 CONTENDERS = {"eager", "batched_mm", "grouped_mm", "default", "auto"}
 
@@ -99,13 +99,6 @@ def test_transformers_without_continuous_batching_skips_the_part_in_one_line():
         None, 1, guard=None, tune_folder=None, tune_seconds_per_point=0.1, progress=False, reading_profiles_from=None
     )
     assert run_serve(model, torch.device("cpu"), TraceSpec(), setup) == {"skipped": reason}
-
-
-@pytest.fixture
-def tiny_model_folder(tmp_path):
-    folder = tmp_path / "tiny-qwen3-moe"
-    tiny_config("qwen3_moe").save_pretrained(folder)
-    return folder
 
 
 def test_serve_part_writes_consistent_results(tiny_model_folder, tmp_path, profile_dir):

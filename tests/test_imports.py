@@ -4,7 +4,6 @@ joblib) load only when a cost model is fitted or loaded. Each check runs in a fr
 imported everything already."""
 
 import ast
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,20 +13,19 @@ import pytest
 
 from autoexperts.layer import LayerSpec
 from autoexperts.profile import save_profile
-from tests.conftest import CROSSOVER_CURVES, TINY_CONFIGS, synthetic_profile
+from tests.conftest import (
+    CROSSOVER_CURVES,
+    HEAVY_MODULES,
+    TINY_CONFIGS,
+    cli_in_fresh_python,
+    run_in_fresh_python,
+    synthetic_profile,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = LayerSpec("TinyExperts", 8, 64, 32, 2, True, False, False, False, "float32", "cpu")
-HEAVY = ("torch", "transformers", "sklearn", "joblib")
-
-
-def _python(code: str) -> dict:
-    """Runs `code` in a fresh interpreter of this checkout and returns the JSON it printed last."""
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
+HEAVY = HEAVY_MODULES
+_python = run_in_fresh_python
 
 
 def test_import_loads_no_torch_and_every_public_name_resolves():
@@ -128,19 +126,7 @@ def test_dispatch_imports_no_module_that_imports_transformers_registries():
     ],
 )
 def test_help_and_argument_errors_load_no_torch(args, status):
-    code = f"""
-import contextlib, io, json, sys
-import autoexperts.cli
-out, err = io.StringIO(), io.StringIO()
-with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    try:
-        status = autoexperts.cli.main({args!r})
-    except SystemExit as exit_:
-        status = exit_.code
-heavy = sorted(name for name in {HEAVY!r} if name in sys.modules)
-print(json.dumps({{"status": status, "heavy": heavy, "out": out.getvalue(), "err": err.getvalue()}}))
-"""
-    result = _python(code)
+    result = cli_in_fresh_python(args)
     assert result["status"] == status and result["heavy"] == []
     assert "usage: autoexperts" in result["out"] if status == 0 else "error:" in result["err"]
 

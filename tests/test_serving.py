@@ -22,10 +22,9 @@ import autoexperts
 from autoexperts.errors import UsageError
 from autoexperts.serving.experts_default import HOOK, auto_by_default
 from autoexperts.serving.warmup import DEFAULT_MAX_TOKENS, WarmUp, WarmUpRequest, read_warm_up, run_warm_up
-from tests.conftest import TINY_CONFIGS, tiny_model
+from tests.conftest import TINY_CONFIGS, cli_in_fresh_python, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "transformers")
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
     "{% if add_generation_prompt %}assistant : {% endif %}"
@@ -175,29 +174,8 @@ def test_the_default_is_restored_when_the_block_raises(model_dir):
 # --- the command's own arguments: one line, exit status 2, no torch ------------------------------------------------
 
 
-def _cli_in_fresh_python(args: list[str], before: str = "") -> dict:
-    code = f"""
-import contextlib, io, json, sys
-{before}
-import autoexperts.cli
-out, err = io.StringIO(), io.StringIO()
-with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    try:
-        status = autoexperts.cli.main({args!r})
-    except SystemExit as exit_:
-        status = exit_.code
-heavy = sorted(name for name in {HEAVY!r} if name in sys.modules)
-print(json.dumps({{"status": status, "heavy": heavy, "out": out.getvalue(), "err": err.getvalue()}}))
-"""
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def test_serve_help_says_what_it_does_without_torch():
-    result = _cli_in_fresh_python(["serve", "--help"])
+    result = cli_in_fresh_python(["serve", "--help"])
     assert result["status"] == 0 and result["heavy"] == []
     assert "usage: autoexperts serve" in result["out"] and "--tune-on FILE" in result["out"]
     assert "goes to transformers serve unchanged" in " ".join(result["out"].split())
@@ -218,7 +196,7 @@ def test_our_argument_errors_are_one_line_with_status_2_and_no_torch(tmp_path, a
     if file_text is not None:
         file.write_text(file_text)
     args = [arg.format(file=file, missing=missing) for arg in args]
-    result = _cli_in_fresh_python(["serve", *args])
+    result = cli_in_fresh_python(["serve", *args])
     assert result["status"] == 2 and result["heavy"] == []
     assert result["err"].count("\n") == 1 and message.format(file=file, missing=missing) in result["err"]
 
@@ -226,7 +204,7 @@ def test_our_argument_errors_are_one_line_with_status_2_and_no_torch(tmp_path, a
 def test_missing_serving_extras_are_named_in_one_line_with_status_2():
     # A module set to None in sys.modules cannot be imported: as if fastapi and uvicorn were not installed.
     before = "sys.modules['fastapi'] = None; sys.modules['uvicorn'] = None"
-    result = _cli_in_fresh_python(["serve", "some/model", "--port", "8000"], before=before)
+    result = cli_in_fresh_python(["serve", "some/model", "--port", "8000"], before=before)
     assert result["status"] == 2 and result["heavy"] == []
     assert result["err"] == (
         "autoexperts: error: serve needs Transformers' serving extras; missing here: fastapi, uvicorn. "
@@ -235,7 +213,7 @@ def test_missing_serving_extras_are_named_in_one_line_with_status_2():
 
 
 def test_a_malformed_memory_budget_is_refused_before_serving():
-    result = _cli_in_fresh_python(
+    result = cli_in_fresh_python(
         ["serve", "some/model"], before="import os; os.environ['AUTOEXPERTS_MEMORY_BUDGET'] = 'x'"
     )
     assert result["status"] == 2 and result["heavy"] == []
@@ -243,7 +221,7 @@ def test_a_malformed_memory_budget_is_refused_before_serving():
 
 
 def test_other_commands_still_refuse_unknown_arguments():
-    result = _cli_in_fresh_python(["presets", "--port", "8000"])
+    result = cli_in_fresh_python(["presets", "--port", "8000"])
     assert result["status"] == 2 and "unrecognized arguments: --port 8000" in result["err"]
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..cost_model import Status
 from .analysis import FIXED_BACKENDS
+from .report import model_label
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def write_plot(results: dict, path: Path) -> bool:
     axes.set_ylabel("latency (ms)")
     layer = results["layer"]
     axes.set_title(
-        f"{results['model']['name']}: E={layer['num_experts']} H={layer['hidden_dim']} I={layer['intermediate_dim']} "
+        f"{model_label(results)}: E={layer['num_experts']} H={layer['hidden_dim']} I={layer['intermediate_dim']} "
         f"k={layer['top_k']}, {results['dtype']}, {results['machine']['device']}",
         fontsize=9,
     )
@@ -136,7 +137,7 @@ def write_serve_plot(results: dict, path: Path) -> bool:
                          fontsize=9)  # fmt: skip
     layer = results["layer"]
     figure.suptitle(
-        f"{results['model']['name']}: E={layer['num_experts']} H={layer['hidden_dim']} I={layer['intermediate_dim']} "
+        f"{model_label(results)}: E={layer['num_experts']} H={layer['hidden_dim']} I={layer['intermediate_dim']} "
         f"k={layer['top_k']}, {results['dtype']}, {results['machine']['device']}",
         fontsize=9,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..report import format_bytes
 from .analysis import CONTENDERS, FIXED_BACKENDS, spans_crossovers
 
@@ -307,11 +309,18 @@ def _serve(serve: dict, plot: str | None = None) -> list[str]:
     return lines
 
 
+def model_label(results: dict) -> str:
+    """The model's name for titles: a preset's or Hub id as given, a local config folder by its own name (not the
+    absolute path of the machine that ran it)."""
+    model = results["model"]
+    return Path(model["name"]).name if model.get("kind") == "local" else model["name"]
+
+
 def markdown_report(results: dict) -> str:
     """The report: the headline figures, then each part's tables, then the decision table and the plot."""
     machine, versions, layer = results["machine"], results["versions"], results["layer"]
     calibration = results["calibration"]
-    title = f"{results['model']['name']} on {machine['device']} ({results['dtype']}, compile {results['compile_mode']})"
+    title = f"{model_label(results)} on {machine['device']} ({results['dtype']}, compile {results['compile_mode']})"
     lines = [
         f"# autoexperts bench: {title}",
         "",
