@@ -23,13 +23,13 @@ import io
 import pstats
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
 import autoexperts
+from autoexperts.bench.overhead import interleaved_per_call_us
 from autoexperts.calibration.experts_layer import build_experts_layer, routed_inputs
 from autoexperts.calibration.model_source import resolve_model
 from autoexperts.calibration.run import resolve_device, resolve_dtype
@@ -37,16 +37,8 @@ from autoexperts.decisions import active_hooks
 from autoexperts.device import cpu_model_name, device_name
 from autoexperts.dispatch import auto_experts_forward, dispatch_entry
 from autoexperts.freshness import library_versions
-from autoexperts.timing import round_orders
 
 PROFILE_ROWS = 12
-
-
-def _per_call_us(fn, calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def measure(model: str, device: torch.device, dtype: torch.dtype, rounds: int, calls: int, profiled: int) -> dict:
@@ -74,12 +66,7 @@ def measure(model: str, device: torch.device, dtype: torch.dtype, rounds: int, c
     }
     try:
         with torch.inference_mode():
-            for fn in pieces.values():  # warm-up
-                _per_call_us(fn, calls)
-            samples: dict[str, list[float]] = {name: [] for name in pieces}
-            for order in round_orders(list(pieces), rounds):
-                for name in order:
-                    samples[name].append(_per_call_us(pieces[name], calls))
+            samples = interleaved_per_call_us(pieces, rounds, calls)
             profiler = cProfile.Profile()
             profiler.enable()
             for _ in range(profiled):

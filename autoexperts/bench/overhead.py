@@ -28,7 +28,9 @@ def _per_call_us(fn: Callable[[], object], calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def _interleaved_medians(contenders: dict[str, Callable[[], object]], rounds: int, calls: int) -> dict[str, list]:
+def interleaved_per_call_us(contenders: dict[str, Callable[[], object]], rounds: int, calls: int) -> dict[str, list]:
+    """Each contender's microseconds per call, one sample per round of `calls` calls, in carry-over balanced orders
+    after one warm-up batch each."""
     for fn in contenders.values():  # warm-up
         _per_call_us(fn, calls)
     samples: dict[str, list[float]] = {name: [] for name in contenders}
@@ -63,7 +65,7 @@ def measure_dispatch_overhead(
 
         layer_dispatch.by_tokens[1] = entry._replace(forward=noop)
         try:
-            path = _interleaved_medians({"lookup": lookup, "auto": auto_noop, "direct": direct_noop}, rounds, calls)
+            path = interleaved_per_call_us({"lookup": lookup, "auto": auto_noop, "direct": direct_noop}, rounds, calls)
         finally:
             layer_dispatch.by_tokens[1] = entry
 
@@ -74,7 +76,7 @@ def measure_dispatch_overhead(
             return backend(module, hidden_states, top_k_index, top_k_weights)
 
         kernel_calls = max(calls // 50, 10)
-        full = _interleaved_medians({"auto": auto, "direct": direct}, max(rounds // 2, 5), kernel_calls)
+        full = interleaved_per_call_us({"auto": auto, "direct": direct}, max(rounds // 2, 5), kernel_calls)
     paired = [a - d for a, d in zip(path["auto"], path["direct"], strict=True)]
     full_paired = [a - d for a, d in zip(full["auto"], full["direct"], strict=True)]
     return {
