@@ -30,12 +30,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..choices import NONE
 from ..cost_model import CostModel, Measurement, Status
 from ..table import build_profile_table
 from .experts_layer import ExpertsLayer, routed_inputs
 from .interrupts import raise_if_interrupted, remember_interrupts
-from .sweep import SweepOptions, _measure_point, sweep_callable
+from .sweep import SweepOptions, _measure_point, sweep_functions
 
 logger = logging.getLogger(__name__)
 
@@ -131,11 +130,7 @@ def refine_crossovers(
     """
     started = time.perf_counter()
     refined = Refinement(sorted(points, key=_order))
-    functions = {b: sweep_callable(b, type(layer.module), options.compile_mode) for b in options.backends}
-    # Compiled code does not run under the CPU memory tracker's dispatch mode (as in the sweep).
-    memory_functions = functions
-    if device.type != "cuda" and options.compile_mode != NONE:
-        memory_functions = {b: sweep_callable(b, type(layer.module), NONE) for b in options.backends}
+    functions, memory_functions = sweep_functions(options, type(layer.module), device)
     timing = replace(
         options, seconds_per_point=TIME_FACTOR * options.seconds_per_point, min_repeats=MIN_ROUNDS,
         max_repeats=MAX_ROUNDS,

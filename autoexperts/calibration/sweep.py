@@ -106,6 +106,18 @@ def sweep_callable(name: str, experts_class: type, compile_mode: str) -> Callabl
     return torch.compile(function, mode=compile_mode, dynamic=True, fullgraph=True)
 
 
+def sweep_functions(
+    options: SweepOptions, experts_class: type, device: torch.device
+) -> tuple[dict[str, Callable], dict[str, Callable]]:
+    """Each backend's function to time (`sweep_callable`), and the one to measure its peak memory with: the same, but
+    uncompiled on CPU, where compiled code does not run under the memory tracker's dispatch mode (Dynamo skips such
+    frames)."""
+    functions = {name: sweep_callable(name, experts_class, options.compile_mode) for name in options.backends}
+    if device.type != "cuda" and options.compile_mode != NONE:
+        return functions, {name: sweep_callable(name, experts_class, NONE) for name in options.backends}
+    return functions, functions
+
+
 def _is_out_of_memory(error: BaseException) -> bool:
     return (
         isinstance(error, torch.OutOfMemoryError)
@@ -205,11 +217,7 @@ def run_sweep(
 ) -> list[Measurement]:
     """Measures every backend at every token count (see the module docstring) and returns all points."""
     module, spec = layer.module, layer.spec
-    functions = {name: sweep_callable(name, type(module), options.compile_mode) for name in options.backends}
-    # Compiled code does not run under the CPU memory tracker's dispatch mode (Dynamo skips such frames).
-    memory_functions = functions
-    if device.type != "cuda" and options.compile_mode != NONE:
-        memory_functions = {name: sweep_callable(name, type(module), NONE) for name in options.backends}
+    functions, memory_functions = sweep_functions(options, type(module), device)
     results: list[Measurement] = list(options.done)
     done = {(m.backend, m.num_tokens) for m in results}
     stopped: dict[str, tuple[str, str]] = {}  # backend -> (status of its later points, why it left the sweep)
