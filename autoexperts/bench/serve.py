@@ -354,10 +354,10 @@ def run_serve(model: torch.nn.Module, device: torch.device, spec: TraceSpec, set
     experts = [m for m in model.modules() if is_experts_module(m)]
     recorder = _StepRecorder(experts[0])
     default_backend = transformers_default(model)
-    names = [*FIXED_BACKENDS, DEFAULT, AUTO]
-    runs: dict[str, ServeRun] = {}
+    # Each contender, in serving order, and the experts implementation it sets.
     implementation = {name: name for name in FIXED_BACKENDS} | {DEFAULT: default_backend, AUTO: AUTO}
-    for name in names:
+    runs: dict[str, ServeRun] = {}
+    for name in implementation:
         skip = setup.guard.reason(implementation[name], largest_step)
         if skip is not None:
             runs[name] = ServeRun(ContenderRun(status=Status.SKIPPED, note=f"largest step ({largest_step}): {skip}"))
@@ -372,9 +372,9 @@ def run_serve(model: torch.nn.Module, device: torch.device, spec: TraceSpec, set
     with torch.inference_mode(), setup.reading_profiles_from(setup.tune_folder):
         results["tune"], top_k = _tune(model, batching, warmup_trace, setup)
         results["auto_regions"], results["crossovers"] = _auto_table(experts[0], device, top_k)
-        auto_decisions = _warm_up(model, batching, trace, recorder, names, runs)
+        auto_decisions = _warm_up(model, batching, trace, recorder, implementation, runs)
         _default_alias(runs, default_backend)
-        results["round_orders"] = _timed_rounds(model, batching, trace, device, runs, setup)
+        results["round_orders"] = _timed_rounds(model, batching, trace, device, implementation, runs, setup)
     model.set_experts_implementation(AUTO)
     results["load_average_at_end"] = _load_average()
     return results | _summary(trace, runs, auto_decisions, len(experts), default_backend)
@@ -444,13 +444,13 @@ def _auto_table(module: torch.nn.Module, device: torch.device, top_k: int) -> tu
     return [_region_json(r) for r in regions], crossovers
 
 
-def _warm_up(model, batching, trace, recorder, names, runs) -> list[tuple[int, str]]:
+def _warm_up(model, batching, trace, recorder, implementation: dict[str, str], runs) -> list[tuple[int, str]]:
     """One untimed serving per contender that may run: its tokens, its steps, and (for auto) its decisions."""
     auto_decisions: list[tuple[int, str]] = []
-    for name in names:
+    for name, experts_implementation in implementation.items():
         if name in runs:
             continue
-        model.set_experts_implementation(name if name != DEFAULT else transformers_default(model))
+        model.set_experts_implementation(experts_implementation)
         started = time.perf_counter()
         try:
             with recorder.recording() as steps, record_decisions() as decisions:
@@ -478,7 +478,9 @@ def _default_alias(runs: dict[str, ServeRun], default_backend: str) -> None:
         default.alias = default_backend
 
 
-def _timed_rounds(model, batching, trace, device, runs: dict[str, ServeRun], setup: ServeSetup) -> list[list[str]]:
+def _timed_rounds(
+    model, batching, trace, device, implementation: dict[str, str], runs: dict[str, ServeRun], setup: ServeSetup
+) -> list[list[str]]:
     """Interleaved timed rounds of the contenders that warmed up, in a new seeded order every round (returned); one
     whose warm-up took `slow_factor` times the fastest's is reported with that one timing, not timed further."""
     warmed = {name: r for name, r in runs.items() if r.run.status == Status.OK and r.alias is None}
@@ -497,7 +499,7 @@ def _timed_rounds(model, batching, trace, device, runs: dict[str, ServeRun], set
     orders = list(round_orders(timed, setup.rounds))
     for order in orders:
         for name in order:
-            model.set_experts_implementation(name if name != DEFAULT else transformers_default(model))
+            model.set_experts_implementation(implementation[name])
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             synchronize(device)
