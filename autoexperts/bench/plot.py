@@ -18,8 +18,8 @@ logger = logging.getLogger(__name__)
 COLORS = {"eager": "tab:green", "batched_mm": "tab:orange", "grouped_mm": "tab:blue", "auto": "black"}
 
 
-def write_plot(results: dict, path: Path) -> bool:
-    """Writes the PNG; returns False (and logs why) when matplotlib is missing or there is nothing to plot."""
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (logged) when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -27,6 +27,23 @@ def write_plot(results: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         logger.warning("matplotlib is not installed (pip install 'autoexperts[plot]'); no plot written")
+        return None
+    return plt
+
+
+def _title(results: dict) -> str:
+    """The model, its experts layer's shape, the dtype and the device, in one line."""
+    layer = results["layer"]
+    return (
+        f"{model_label(results)}: E={layer['num_experts']} H={layer['hidden_dim']} I={layer['intermediate_dim']} "
+        f"k={layer['top_k']}, {results['dtype']}, {results['machine']['device']}"
+    )
+
+
+def write_plot(results: dict, path: Path) -> bool:
+    """Writes the PNG; returns False (and logs why) when matplotlib is missing or there is nothing to plot."""
+    plt = _pyplot()
+    if plt is None:
         return False
     calibration = results.get("calibration", {})
     sweep = results.get("layer_sweep", {}).get("points", [])
@@ -70,12 +87,7 @@ def write_plot(results: dict, path: Path) -> bool:
     axes.set_xlim(0.8, right * 1.2)
     axes.set_xlabel("tokens per experts call")
     axes.set_ylabel("latency (ms)")
-    layer = results["layer"]
-    axes.set_title(
-        f"{model_label(results)}: E={layer['num_experts']} H={layer['hidden_dim']} I={layer['intermediate_dim']} "
-        f"k={layer['top_k']}, {results['dtype']}, {results['machine']['device']}",
-        fontsize=9,
-    )
+    axes.set_title(_title(results), fontsize=9)
     axes.grid(True, which="both", alpha=0.2)
     axes.legend(fontsize=7, ncol=2)
     figure.tight_layout()
@@ -92,13 +104,8 @@ def write_serve_plot(results: dict, path: Path) -> bool:
     serve = results.get("serve")
     if not serve or "skipped" in serve or not serve["steps"]["histogram"]:
         return False
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed (pip install 'autoexperts[plot]'); no plot written")
+    plt = _pyplot()
+    if plt is None:
         return False
     figure, (steps_axes, times_axes) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120, width_ratios=(3, 2))
     # Every power-of-two bucket from the smallest step's to the largest's, empty ones included, so that the x axis
@@ -135,12 +142,7 @@ def write_serve_plot(results: dict, path: Path) -> bool:
     times_axes.set_xlabel("median wall time per serving of the trace (s)")
     times_axes.set_title(f"{serve['trace']['requests']} requests, {serve['trace']['generated_tokens']} new tokens",
                          fontsize=9)  # fmt: skip
-    layer = results["layer"]
-    figure.suptitle(
-        f"{model_label(results)}: E={layer['num_experts']} H={layer['hidden_dim']} I={layer['intermediate_dim']} "
-        f"k={layer['top_k']}, {results['dtype']}, {results['machine']['device']}",
-        fontsize=9,
-    )
+    figure.suptitle(_title(results), fontsize=9)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
