@@ -24,7 +24,6 @@
 #    5. the forward table under torch.compile mode `default` (the shipped `default` profiles);
 #    6. the crossovers: qwen3 and qwen1.5 calibrated afresh (with the crossover refinement), qwen3's layer sweep on them;
 #    7. a `max-autotune-no-cudagraphs` calibration of qwen1.5; other backends where registered; tune; serve.
-# tune and serve run only where the tree has them (`autoexperts.tune`, `bench --parts serve`); else one line says so.
 #
 # GPU_SUITE_STAGE=serve: continuous batching (`bench --parts serve`: a 64-request trace, auto tuned in place against
 # every fixed backend and Transformers' default) on the qwen3-30b-a3b shape, its layer calibrated first (no shipped
@@ -166,19 +165,11 @@ import transformers.integrations.moe; print(', '.join(registered_backends()))") 
 }
 
 tune() {
-    if ! "$python" -c "import autoexperts; assert hasattr(autoexperts, 'tune')" 2>/dev/null; then
-        echo "== tune: skipped (autoexperts.tune is not in this tree)"
-        return 0
-    fi
     step tune 90 "$python" calibrate/tune_in_place.py --model "$table_model" --device "$device" --dtype "$dtype" \
         --out "$work/tune"
 }
 
-serve() {  # continuous batching, once `bench --parts serve` has landed
-    if ! "$python" -c "from autoexperts.choices import BENCH_PARTS; assert 'serve' in BENCH_PARTS" 2>/dev/null; then
-        echo "== serve: skipped (bench --parts serve is not in this tree)"
-        return 0
-    fi
+serve() {  # continuous batching: auto tuned in place against every fixed backend and the default
     bench serve 90 "$1" --model "$table_model" --parts serve --rounds 3 --max-batch-tokens 2048 \
         --calibration-seconds-per-point 0.2
 }

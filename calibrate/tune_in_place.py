@@ -5,8 +5,7 @@ The model is the preset's architecture with its real layer shapes, 2 decoder lay
 bench` builds it). The warm-up is `generate()` at batch 1 and at `--batch-size`, so the experts calls it records are
 those of a prefill and of decode steps of both. After the block, one more `generate()` at `--batch-size` records the
 backends `auto` then runs from the tuned profile (`auto` reads only the tuned profiles' folder here). Prints one JSON
-line and writes it to `<out>/tune-in-place.json`. Where `autoexperts.tune` does not exist (before it landed), says so
-in one line and exits 0.
+line and writes it to `<out>/tune-in-place.json`.
 
     python calibrate/tune_in_place.py --model qwen1.5-moe-a2.7b --device cuda --dtype bfloat16 --out DIR
 """
@@ -54,9 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-length", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=16)
     args = parser.parse_args(argv)
-    if not hasattr(autoexperts, "tune"):
-        print("tune_in_place.py: skipped: this autoexperts has no tune()")
-        return 0
     warnings.simplefilter("ignore", autoexperts.ProfileWarning)
     tuned = args.out / "tuned"
     os.environ[autoexperts.settings.PROFILE_DIR_ENV] = str(tuned)  # auto reads what tune writes, and nothing else
