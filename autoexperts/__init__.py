@@ -43,6 +43,7 @@ __all__ = [
     "StaleProfileWarning",
     "__version__",
     "add_dispatch_hook",
+    "auto_by_default",
     "auto_experts_forward",
     "pin_cpu_allocator",
     "record_decisions",
@@ -61,6 +62,7 @@ _LAZY_MODULES = {
     "decisions": ("Decision", "HookHandle", "add_dispatch_hook", "record_decisions"),
     "dispatch": ("auto_experts_forward", "reset", "set_memory_budget"),
     "layer": ("DEFAULT_BACKENDS", "LayerSpec"),
+    "serving.experts_default": ("auto_by_default",),
     "table": ("Prediction",),
     "tuning": ("tune",),
 }
@@ -72,6 +74,7 @@ if TYPE_CHECKING:  # what static tools should see
     from .decisions import Decision, HookHandle, add_dispatch_hook, record_decisions
     from .dispatch import auto_experts_forward, reset, set_memory_budget
     from .layer import DEFAULT_BACKENDS, LayerSpec
+    from .serving.experts_default import auto_by_default
     from .table import Prediction
     from .tuning import tune
 

@@ -164,6 +164,21 @@ def test_auto_is_the_default_only_inside_the_block_and_an_explicit_choice_is_kep
     assert AutoModelForCausalLM.from_pretrained(model_dir).config._experts_implementation == "grouped_mm"
 
 
+def test_auto_by_default_is_public_and_a_block_left_open_at_exit_closes_quietly():
+    assert autoexperts.auto_by_default is auto_by_default
+    # A block entered and never left (a script that ends inside it) is closed while the interpreter tears modules down.
+    code = (
+        "import autoexperts, transformers\n"
+        "block = autoexperts.auto_by_default()\n"
+        "block.__enter__()\n"
+        "print(transformers.PreTrainedModel.get_correct_experts_implementation.__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "get_correct_experts_implementation" in result.stdout
+    assert "Exception ignored" not in result.stderr, result.stderr
+
+
 def test_the_default_is_restored_when_the_block_raises(model_dir):
     original = vars(PreTrainedModel)[HOOK]
     with pytest.raises(RuntimeError, match="boom"), auto_by_default():

@@ -29,12 +29,20 @@ HOOK = "get_correct_experts_implementation"
 _lock = threading.Lock()
 _depth = 0
 _original = None
+_owner = None  # PreTrainedModel, while wrapped
 
 
 @contextlib.contextmanager
 def auto_by_default() -> Iterator[None]:
     """Models built inside the block without an explicit experts implementation get `"auto"` (see the module
-    docstring).
+    docstring): for code that builds its models itself (a pipeline, a trainer, a test suite).
+
+    Example:
+
+    ```python
+    with autoexperts.auto_by_default():
+        generator = transformers.pipeline("text-generation", model="Qwen/Qwen3-30B-A3B")
+    ```
 
     Raises:
         `UsageError`: when this Transformers has no `PreTrainedModel.get_correct_experts_implementation`.
@@ -54,38 +62,38 @@ def check_hook() -> None:
 
     if not callable(vars(PreTrainedModel).get(HOOK)):
         raise UsageError(
-            f"this Transformers ({transformers.__version__}) has no PreTrainedModel.{HOOK}, where autoexperts serve "
+            f"this Transformers ({transformers.__version__}) has no PreTrainedModel.{HOOK}, where autoexperts "
             "makes auto the default (known: 5.17 to 5.25)"
         )
 
 
 def _enter() -> None:
-    global _depth, _original
+    global _depth, _original, _owner
     from transformers import PreTrainedModel  # "auto" is registered: importing this package registered it
 
     with _lock:
         if _depth == 0:
             check_hook()
             _original = vars(PreTrainedModel)[HOOK]
+            _owner = PreTrainedModel
             setattr(PreTrainedModel, HOOK, _defaulting_to_auto(_original))
             logger.debug("models built without an experts implementation now get %r", AUTO)
         _depth += 1
 
 
 def _exit() -> None:
-    global _depth, _original
-    from transformers import PreTrainedModel
-
+    # No import here: a block left open until the interpreter exits is closed while modules are torn down.
+    global _depth, _original, _owner
     with _lock:
         _depth -= 1
         if _depth > 0:
             return
-        if getattr(vars(PreTrainedModel)[HOOK], "__wrapped__", None) is _original:
-            setattr(PreTrainedModel, HOOK, _original)
+        if getattr(vars(_owner)[HOOK], "__wrapped__", None) is _original:
+            setattr(_owner, HOOK, _original)
             logger.debug("models built without an experts implementation get Transformers' default again")
         else:  # something wrapped it over ours meanwhile: unwrapping would drop theirs
             logger.warning("PreTrainedModel.%s was replaced while auto was the default; left as it is", HOOK)
-        _original = None
+        _original = _owner = None
 
 
 def _defaulting_to_auto(original):
