@@ -1,6 +1,7 @@
 """Calibration pieces: presets and model sources, the experts layer, peak memory on CPU, and the sweep."""
 
 import json
+import math
 import os
 import signal
 import time
@@ -214,6 +215,7 @@ def test_ctrl_c_swallowed_by_a_finalizer_still_stops_the_sweep(monkeypatch, smal
     options = SweepOptions(
         tokens=[1, 2, 4, 8], backends=["eager", "grouped_mm"], seconds_per_point=0.01, progress=False,
         on_point=lambda points: saved.append({m.num_tokens for m in points}),
+        slow_factor=math.inf,  # eager must reach 4 tokens: a loaded machine can make it "slow" at 1 and 2
     )  # fmt: skip
     with pytest.raises(KeyboardInterrupt):
         run_sweep(small_layer, torch.device("cpu"), torch.float32, options)
